@@ -1,0 +1,1 @@
+"""Pure tensor loss functions. Nothing here knows about models or the Trainer."""
