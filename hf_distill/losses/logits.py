@@ -1,0 +1,250 @@
+"""Divergences between teacher and student output distributions.
+
+Conventions used throughout:
+
+* ``p`` is the teacher distribution, ``q`` the student distribution, both over the last dimension.
+* Every divergence returns one value per row (shape ``logits.shape[:-1]``); masking and
+  normalisation are the caller's job, so that padding and gradient accumulation are handled
+  in one place.
+* ``temperature`` softens both distributions: ``p = softmax(z_t / T)``, ``q = softmax(z_s / T)``.
+  The Hinton ``T**2`` factor is *not* applied here; see :func:`soft_label_loss`.
+
+Only ``torch`` is imported here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergences on log-probabilities (rows of the last dimension)
+# ----------------------------------------------------------------------------------------------
+def kl_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v), per row. Terms with p_v = 0 contribute 0."""
+    p = log_p.exp()
+    return (p * (log_p - log_q)).masked_fill(p == 0, 0.0).sum(-1)
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
+    """log(w p + (1 − w) q), computed stably; w ∈ (0, 1)."""
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
+def forward_kl(student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    """Forward KL(p ‖ q): mode-covering, the Hinton et al. (2015) distillation loss."""
+    return kl_divergence(teacher_log_probs, student_log_probs)
+
+
+def reverse_kl(student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    """Reverse KL(q ‖ p): mode-seeking."""
+    return kl_divergence(student_log_probs, teacher_log_probs)
+
+
+def generalized_jsd(student_log_probs: Tensor, teacher_log_probs: Tensor, beta: float = 0.5) -> Tensor:
+    """Generalised Jensen–Shannon divergence with interpolation ``beta`` ∈ [0, 1].
+
+    JSD_β(p, q) = (1 − β) KL(p ‖ m) + β KL(q ‖ m),   m = β p + (1 − β) q.
+
+    The endpoints are the limits of the formula: β = 0 gives m = q and forward KL(p ‖ q);
+    β = 1 gives m = p and reverse KL(q ‖ p). β = 0.5 is the symmetric JSD.
+    """
+    if beta <= 0.0:
+        return forward_kl(student_log_probs, teacher_log_probs)
+    if beta >= 1.0:
+        return reverse_kl(student_log_probs, teacher_log_probs)
+    log_m = _log_mixture(teacher_log_probs, student_log_probs, beta)
+    return (1.0 - beta) * kl_divergence(teacher_log_probs, log_m) + beta * kl_divergence(student_log_probs, log_m)
+
+
+def skew_forward_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, skew: float = 0.1) -> Tensor:
+    """Skew forward KL (DistiLLM): KL(p ‖ λ p + (1 − λ) q), λ = ``skew`` ∈ [0, 1). λ = 0 is forward KL."""
+    if skew <= 0.0:
+        return forward_kl(student_log_probs, teacher_log_probs)
+    return kl_divergence(teacher_log_probs, _log_mixture(teacher_log_probs, student_log_probs, skew))
+
+
+def skew_reverse_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, skew: float = 0.1) -> Tensor:
+    """Skew reverse KL (DistiLLM): KL(q ‖ λ q + (1 − λ) p), λ = ``skew`` ∈ [0, 1). λ = 0 is reverse KL."""
+    if skew <= 0.0:
+        return reverse_kl(student_log_probs, teacher_log_probs)
+    return kl_divergence(student_log_probs, _log_mixture(student_log_probs, teacher_log_probs, skew))
+
+
+def total_variation(student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    """Total variation distance TV(p, q) = ½ Σ_v |p_v − q_v|."""
+    return 0.5 * (teacher_log_probs.exp() - student_log_probs.exp()).abs().sum(-1)
+
+
+DIVERGENCES: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": total_variation,
+}
+#: Losses that compare raw logits instead of distributions.
+LOGIT_LOSSES = ("mse",)
+LOSS_NAMES = tuple(DIVERGENCES) + LOGIT_LOSSES
+
+
+def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean squared error between raw logits, per row: mean_v (z_s,v − z_t,v)². No temperature."""
+    return (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# From logits to a per-row soft-label loss
+# ----------------------------------------------------------------------------------------------
+def soft_label_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    loss: str = "forward_kl",
+    temperature: float = 1.0,
+    scale_by_temperature_squared: bool = True,
+    jsd_beta: float = 0.5,
+    skew_lambda: float = 0.1,
+) -> Tensor:
+    """Per-row soft-label loss between logits, computed in fp32.
+
+    ``loss(softmax(z_s / T), softmax(z_t / T)) · T²`` for the divergences (the T² keeps gradient
+    magnitudes comparable across temperatures, Hinton et al. 2015), and ``mean (z_s − z_t)²`` for
+    ``"mse"``.
+    """
+    if loss == "mse":
+        return logit_mse(student_logits, teacher_logits)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    values = divergence_from_log_probs(log_q, log_p, loss=loss, jsd_beta=jsd_beta, skew_lambda=skew_lambda)
+    return values * temperature**2 if scale_by_temperature_squared else values
+
+
+def divergence_from_log_probs(
+    student_log_probs: Tensor, teacher_log_probs: Tensor, *, loss: str, jsd_beta: float = 0.5, skew_lambda: float = 0.1
+) -> Tensor:
+    """Dispatch to the named divergence with its extra parameter."""
+    if loss not in DIVERGENCES:
+        raise ValueError(f"Unknown distillation loss {loss!r}; choose one of {', '.join(LOSS_NAMES)}.")
+    if loss == "jsd":
+        return generalized_jsd(student_log_probs, teacher_log_probs, beta=jsd_beta)
+    if loss.startswith("skew_"):
+        return DIVERGENCES[loss](student_log_probs, teacher_log_probs, skew=skew_lambda)
+    return DIVERGENCES[loss](student_log_probs, teacher_log_probs)
+
+
+def hard_label_loss(student_logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Per-row cross-entropy −log q_y against integer labels; rows with ``ignore_index`` give 0."""
+    flat = F.cross_entropy(
+        student_logits.float().reshape(-1, student_logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="none",
+    )
+    return flat.reshape(labels.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k teacher targets (cached logits for language models)
+# ----------------------------------------------------------------------------------------------
+def _log_tail(log_probs_topk: Tensor) -> Tensor:
+    """log(1 − Σ_k exp(log_probs_topk)), the log mass outside the top-k bins (clamped for stability)."""
+    mass = log_probs_topk.exp().sum(-1, keepdim=True)
+    return torch.log1p(-mass.clamp(max=1.0 - 1e-6))
+
+
+def topk_soft_label_loss(
+    student_logits: Tensor,
+    teacher_topk_log_probs: Tensor,
+    teacher_topk_indices: Tensor,
+    *,
+    loss: str = "forward_kl",
+    temperature: float = 1.0,
+    scale_by_temperature_squared: bool = True,
+    jsd_beta: float = 0.5,
+    skew_lambda: float = 0.1,
+) -> Tensor:
+    """Per-row divergence against a top-k teacher, with the tail mass as one explicit extra bin.
+
+    The teacher is stored as its k largest log-probabilities at temperature ``T`` and their token
+    ids. Both distributions are coarsened to k + 1 bins (the k teacher tokens and "everything
+    else"); the divergence is computed over those bins. It equals the full divergence when the
+    teacher's tail mass is 0 and is never larger than it otherwise (data processing inequality).
+    """
+    if loss == "mse":
+        raise ValueError("loss='mse' needs full teacher logits; cache the teacher without top_k or pick a divergence.")
+    log_q_all = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q_topk = log_q_all.gather(-1, teacher_topk_indices.long())
+    log_q = torch.cat([log_q_topk, _log_tail(log_q_topk)], dim=-1)
+    log_p_topk = teacher_topk_log_probs.float()
+    log_p = torch.cat([log_p_topk, _log_tail(log_p_topk)], dim=-1)
+    values = divergence_from_log_probs(log_q, log_p, loss=loss, jsd_beta=jsd_beta, skew_lambda=skew_lambda)
+    return values * temperature**2 if scale_by_temperature_squared else values
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory-bounded weighted sums over many rows (token-level losses with large vocabularies)
+# ----------------------------------------------------------------------------------------------
+class _ChunkedWeightedSums(torch.autograd.Function):
+    """S_k = Σ_n w_n f_k(x_n, targets_n) chunk by chunk; the gradient of Σ_k c_k S_k is formed in forward.
+
+    Peak extra memory is one gradient buffer the size of ``x`` (in ``x``'s dtype) plus the
+    intermediates of a single chunk, instead of several fp32 copies of the whole [N, V] tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, row_losses, coefficients, chunk_size, x, weights, *targets):  # type: ignore[override]
+        sums = torch.zeros(len(coefficients), dtype=torch.float32, device=x.device)
+        coeffs = torch.tensor(coefficients, dtype=torch.float32, device=x.device)
+        grad = torch.zeros_like(x) if x.requires_grad else None
+        for start in range(0, x.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            w = weights[rows]
+            if not bool((w != 0).any()):
+                continue
+            with torch.enable_grad():
+                x_chunk = x[rows].detach().requires_grad_(grad is not None)
+                chunk_sums = (row_losses(x_chunk, *(t[rows] for t in targets)) * w).sum(-1)
+                if grad is not None:
+                    (grad[rows],) = torch.autograd.grad((coeffs * chunk_sums).sum(), x_chunk)
+            sums += chunk_sums.detach()
+        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        total = (coeffs * sums).sum()
+        ctx.mark_non_differentiable(sums)
+        return total, sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        grad_x = grad * grad_total.to(grad.dtype) if grad.numel() else None
+        return (None, None, None, grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+def chunked_weighted_sums(
+    row_losses: Callable[..., Tensor],
+    coefficients: Sequence[float],
+    x: Tensor,
+    weights: Tensor,
+    *targets: Tensor,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Weighted sums of several per-row losses over the rows of a 2-D ``x``, computed in chunks of rows.
+
+    ``row_losses(x, *targets)`` returns a [K, N] stack of per-row losses f_k. With
+    S_k = Σ_n weights_n · f_k(x_n), this returns ``(Σ_k coefficients_k · S_k, S.detach())``: the first
+    differentiable w.r.t. ``x`` (``targets`` get no gradient), the second for logging. Values and
+    gradients equal the unchunked computation; memory does not grow with N beyond one gradient buffer.
+    ``chunk_size <= 0`` computes everything at once.
+    """
+    if chunk_size <= 0 or x.shape[0] <= chunk_size:
+        sums = (row_losses(x, *targets) * weights).sum(-1)
+        coeffs = torch.tensor(list(coefficients), dtype=sums.dtype, device=sums.device)
+        return (coeffs * sums).sum(), sums.detach()
+    return _ChunkedWeightedSums.apply(row_losses, tuple(coefficients), chunk_size, x, weights, *targets)

@@ -1,0 +1,135 @@
+"""Logit losses against values worked out by hand, and their invariants.
+
+Reference pair: teacher p = [1/2, 1/2], student q = [1/4, 3/4], given as logits log p, log q (T = 1):
+  KL(p‖q)  = ½ ln 2 + ½ ln(2/3)                                  = 0.143841
+  KL(q‖p)  = ¼ ln(1/2) + ¾ ln(3/2)                               = 0.130812
+  JSD_½    : m = [3/8, 5/8], ½ KL(p‖m) + ½ KL(q‖m) = ½ (0.032269 + 0.035375) = 0.033822
+  SKL_0.1  : KL(p ‖ 0.1 p + 0.9 q) = KL(p ‖ [0.275, 0.725])       = 0.113137
+  SRKL_0.1 : KL(q ‖ 0.1 q + 0.9 p) = KL(q ‖ [0.475, 0.525])       = 0.107043
+  TV       : ½ (¼ + ¼)                                            = 0.25
+  CE(y=1)  : −ln ¾                                                = 0.287682
+"""
+
+import math
+
+import pytest
+import torch
+
+from hf_distill.losses.logits import (
+    LOSS_NAMES,
+    chunked_weighted_sums,
+    hard_label_loss,
+    soft_label_loss,
+    topk_soft_label_loss,
+)
+
+P = torch.tensor([[0.5, 0.5]]).log()
+Q = torch.tensor([[0.25, 0.75]]).log()
+
+
+@pytest.mark.parametrize(
+    "loss, expected",
+    [
+        ("forward_kl", 0.143841),
+        ("reverse_kl", 0.130812),
+        ("jsd", 0.033822),
+        ("skew_forward_kl", 0.113137),
+        ("skew_reverse_kl", 0.107043),
+        ("tvd", 0.25),
+    ],
+)
+def test_divergences_match_hand_computed_values(loss, expected):
+    value = soft_label_loss(Q, P, loss=loss, temperature=1.0, jsd_beta=0.5, skew_lambda=0.1)
+    assert value.shape == (1,)
+    assert value.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_logit_mse_and_cross_entropy_by_hand():
+    assert soft_label_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]]), loss="mse").item() == 2.5
+    assert hard_label_loss(Q, torch.tensor([1])).item() == pytest.approx(-math.log(0.75), abs=1e-6)
+    assert hard_label_loss(Q, torch.tensor([-100])).item() == 0.0
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_every_loss_is_zero_for_identical_logits(loss):
+    logits = torch.randn(6, 11)
+    assert soft_label_loss(logits, logits.clone(), loss=loss, temperature=3.0).abs().max().item() < 1e-6
+
+
+def test_temperature_softens_and_t_squared_scales():
+    student, teacher = torch.randn(4, 7), torch.randn(4, 7)
+    T = 4.0
+    unscaled = soft_label_loss(student, teacher, temperature=T, scale_by_temperature_squared=False)
+    scaled = soft_label_loss(student, teacher, temperature=T)
+    torch.testing.assert_close(scaled, unscaled * T**2)
+    # The temperature divides the logits before the softmax: T=4 on z equals T=1 on z/4.
+    torch.testing.assert_close(unscaled, soft_label_loss(student / T, teacher / T, temperature=1.0))
+
+
+def test_jsd_endpoints_are_forward_and_reverse_kl():
+    student, teacher = torch.randn(5, 9), torch.randn(5, 9)
+    forward = soft_label_loss(student, teacher, loss="forward_kl")
+    reverse = soft_label_loss(student, teacher, loss="reverse_kl")
+    torch.testing.assert_close(soft_label_loss(student, teacher, loss="jsd", jsd_beta=0.0), forward)
+    torch.testing.assert_close(soft_label_loss(student, teacher, loss="jsd", jsd_beta=1.0), reverse)
+    # ... and the formula is continuous at the endpoints (no special case hides a jump).
+    torch.testing.assert_close(soft_label_loss(student, teacher, loss="jsd", jsd_beta=1e-6), forward, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(soft_label_loss(student, teacher, loss="jsd", jsd_beta=1 - 1e-6), reverse, atol=1e-4, rtol=1e-3)
+
+
+def test_topk_with_tail_bin_by_hand():
+    # p = [0.5, 0.3, 0.2], top-2 = {0, 1}, tail 0.2; q = [0.2, 0.5, 0.3] -> bins [0.2, 0.5 | 0.3]
+    # KL = 0.5 ln(0.5/0.2) + 0.3 ln(0.3/0.5) + 0.2 ln(0.2/0.3) = 0.223804
+    teacher_log_probs = torch.tensor([[0.5, 0.3]]).log()
+    indices = torch.tensor([[0, 1]])
+    student_logits = torch.tensor([[0.2, 0.5, 0.3]]).log()
+    value = topk_soft_label_loss(student_logits, teacher_log_probs, indices, temperature=1.0)
+    assert value.item() == pytest.approx(0.223804, abs=1e-5)
+
+
+def test_topk_with_all_tokens_equals_full_divergence():
+    student, teacher = torch.randn(3, 6), torch.randn(3, 6)
+    log_p, idx = torch.log_softmax(teacher / 2.0, -1).topk(6, dim=-1)
+    for loss in ("forward_kl", "reverse_kl", "jsd"):
+        full = soft_label_loss(student, teacher, loss=loss, temperature=2.0)
+        topk = topk_soft_label_loss(student, log_p, idx, loss=loss, temperature=2.0)
+        torch.testing.assert_close(topk, full, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_loss_name_is_refused():
+    with pytest.raises(ValueError, match="Unknown distillation loss 'kl'"):
+        soft_label_loss(Q, P, loss="kl")
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "jsd", "skew_reverse_kl", "tvd"])
+def test_chunked_equals_unchunked_in_value_and_gradient(loss):
+    torch.manual_seed(0)
+    logits = torch.randn(37, 50, requires_grad=True)
+    teacher, labels = torch.randn(37, 50), torch.randint(0, 50, (37,))
+    weights = (torch.rand(37) > 0.3).float()
+
+    def rows(x, t, y):
+        return torch.stack([soft_label_loss(x, t, loss=loss, temperature=2.0), hard_label_loss(x, y)])
+
+    full, full_sums = chunked_weighted_sums(rows, (0.7, 0.3), logits, weights, teacher, labels, chunk_size=0)
+    (full_grad,) = torch.autograd.grad(full, logits)
+    chunked, chunked_sums = chunked_weighted_sums(rows, (0.7, 0.3), logits, weights, teacher, labels, chunk_size=8)
+    (chunked_grad,) = torch.autograd.grad(chunked, logits)
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(chunked_sums, full_sums)
+    torch.testing.assert_close(chunked_grad, full_grad)
+
+
+def test_zero_weight_rows_change_nothing():
+    torch.manual_seed(1)
+    logits, teacher = torch.randn(10, 5), torch.randn(10, 5)
+    weights = torch.tensor([1.0] * 6 + [0.0] * 4)
+    garbage = logits.clone()
+    garbage[6:] = 1e3 * torch.randn(4, 5)
+
+    def rows(x, t):
+        return soft_label_loss(x, t, loss="forward_kl")[None]
+
+    clean, _ = chunked_weighted_sums(rows, (1.0,), logits, weights, teacher, chunk_size=3)
+    noisy, _ = chunked_weighted_sums(rows, (1.0,), garbage, weights, teacher, chunk_size=3)
+    torch.testing.assert_close(clean, noisy)
