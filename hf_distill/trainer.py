@@ -142,6 +142,12 @@ class DistillationTrainer(Trainer):
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self._check_datasets()
         self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        if self.teacher is None and not self._has_cached_teacher():
+            raise ValueError(
+                "No teacher: pass `teacher_model` (a model, folder or Hub id), or cache its outputs into the "
+                "datasets with hf_distill.cache_teacher_outputs() and train from those."
+            )
+        self._check_cached_outputs()
         self.data_collator = TeacherColumnsCollator(
             self.data_collator,
             cached_columns=self._cached_columns(),
@@ -173,6 +179,31 @@ class DistillationTrainer(Trainer):
         for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             if dataset is not None and hasattr(dataset, "__len__") and not isinstance(dataset, dict) and len(dataset) == 0:
                 raise ValueError(f"`{name}` is empty: there is nothing to distil on. Check the data loading and filters.")
+
+    def _student_output_width(self) -> int:
+        student = unwrap_model(self.model)
+        if self.task == "causal-lm":
+            return student.get_output_embeddings().weight.shape[0]
+        return 2 if self.task == "question-answering" else student.config.num_labels
+
+    def _check_cached_outputs(self) -> None:
+        """Cached teacher outputs must have the student's output width (labels, positions or vocabulary)."""
+        dataset = self.train_dataset
+        columns = getattr(dataset, "column_names", None) or []
+        width = self._student_output_width()
+        if self.args.teacher_logits_column in columns:
+            cached = torch.as_tensor(dataset[0][self.args.teacher_logits_column])
+            if cached.shape[-1] != width:
+                raise ValueError(
+                    f"Cached teacher logits have {cached.shape[-1]} values per row but the student outputs {width}. "
+                    "Re-cache with cache_teacher_outputs() using a teacher that matches the student."
+                )
+        indices = f"{self.args.teacher_topk_column_prefix}_indices"
+        if indices in columns and int(torch.as_tensor(dataset[0][indices]).max()) >= width:
+            raise ValueError(
+                f"Cached top-k token ids go beyond the student's vocabulary of {width}. Re-cache with a teacher "
+                "that shares the student's tokenizer and vocabulary."
+            )
 
     def _has_cached_teacher(self) -> bool:
         columns = self._dataset_columns()
