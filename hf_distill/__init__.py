@@ -1,23 +1,51 @@
-"""hf_distill: knowledge distillation for Hugging Face Transformers on the stock Trainer."""
+"""hf_distill: knowledge distillation for Hugging Face Transformers on the stock Trainer.
+
+Public names are imported lazily, so that ``import hf_distill.losses`` (or the card helpers) does not
+pay for transformers' Trainer and its optional integrations.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .arguments import DistillationArguments  # noqa: E402
-from .collator import TeacherColumnsCollator  # noqa: E402
-from .metrics import classification_metrics, load_metric, token_classification_metrics  # noqa: E402
-from .tasks import detect_task  # noqa: E402
-from .teacher_cache import cache_teacher_outputs, model_fingerprint  # noqa: E402
-from .trainer import DistillationTrainer, load_teacher  # noqa: E402
+_PUBLIC = {
+    "DistillationArguments": "arguments",
+    "DistillationTrainer": "trainer",
+    "load_teacher": "trainer",
+    "TeacherColumnsCollator": "collator",
+    "cache_teacher_outputs": "teacher_cache",
+    "model_fingerprint": "teacher_cache",
+    "detect_task": "tasks",
+    "classification_metrics": "metrics",
+    "token_classification_metrics": "metrics",
+    "load_metric": "metrics",
+    "create_student": "students",
+    "bert_to_distilbert": "students",
+    "resolve_layer_map": "layer_map",
+    "FeatureProjections": "layer_map",
+    "export_onnx": "export",
+    "load_onnx_pipeline": "inference",
+    "render_model_card": "cards",
+    "write_model_card": "cards",
+    "push_distilled_to_hub": "hub",
+    "convert_llama2c": "llama2c",
+    "tokenize_completions": "causal_lm",
+    "CompletionCollator": "causal_lm",
+    "generate_teacher_completions": "causal_lm",
+}
+__all__ = sorted(_PUBLIC)
 
-__all__ = [
-    "DistillationArguments",
-    "DistillationTrainer",
-    "TeacherColumnsCollator",
-    "cache_teacher_outputs",
-    "classification_metrics",
-    "detect_task",
-    "load_metric",
-    "load_teacher",
-    "model_fingerprint",
-    "token_classification_metrics",
-]
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_distill' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
