@@ -33,7 +33,7 @@ install: $(VENV)/.installed
 
 ## Train a small teacher on a task made in code, distil it, evaluate both, export the student to int8 ONNX.
 demo: $(VENV)/.installed
-	$(VENV)/bin/python scripts/distill_classification.py --output_dir runs/demo
+	$(VENV)/bin/python scripts/distill_classification.py --recipe recipes/demo_synthetic.yaml --output_dir runs/demo
 
 ## The test suite in the main environment (newest transformers 5.x).
 test: $(VENV)/.installed
