@@ -23,10 +23,10 @@ BERT_CLASSES = {
 }
 
 
-def tiny_bert(task="sequence-classification", layers=2, hidden=32, num_labels=2, vocab_size=64, seed=0, **config):
+def tiny_bert(task="sequence-classification", layers=2, hidden=32, num_labels=2, vocab_size=64, seed=0, heads=4, **config):
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=hidden * 2, max_position_embeddings=64, num_labels=num_labels,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config,
     )

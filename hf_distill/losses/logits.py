@@ -248,3 +248,15 @@ def chunked_weighted_sums(
         coeffs = torch.tensor(list(coefficients), dtype=sums.dtype, device=sums.device)
         return (coeffs * sums).sum(), sums.detach()
     return _ChunkedWeightedSums.apply(row_losses, tuple(coefficients), chunk_size, x, weights, *targets)
+
+
+def teacher_mixture_logits(teacher_logits: Sequence[torch.Tensor], weights: Sequence[float], temperature: float) -> torch.Tensor:
+    """Logits whose softened distribution is the weighted mixture of the teachers' softened distributions.
+
+    ``p = Σ_i w_i softmax(z_i / T)`` with ``Σ w_i = 1``; returns ``T · log p``, so that
+    ``softmax(result / T) = p`` and every soft-label loss above can use the mixture unchanged.
+    """
+    stacked = torch.stack([z.float() / temperature for z in teacher_logits])  # [M, ..., V]
+    log_w = torch.log(torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device))
+    log_w = log_w.reshape(-1, *([1] * (stacked.dim() - 1)))
+    return temperature * torch.logsumexp(log_w + torch.log_softmax(stacked, dim=-1), dim=0)
