@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import SYNTHETIC_LABELS, bert_tokenizer_from_vocab, synthetic_sentiment, synthetic_tokenizer
 
@@ -153,3 +154,19 @@ def accuracy_on(model: torch.nn.Module, dataset: Dataset, tokenizer: PreTrainedT
         correct += int((predictions == torch.tensor(rows["label"])).sum())
     return correct / len(dataset)
 
+
+
+def narrow_student(teacher: PreTrainedModel, num_layers: int, hidden_size: int, num_heads: Optional[int] = None) -> PreTrainedModel:
+    """A randomly initialised model of the teacher's family, narrower and shallower (TinyBERT-style).
+
+    Keeps the teacher's vocabulary, positions and label maps; ``intermediate_size`` scales with the width.
+    """
+    config = copy.deepcopy(teacher.config)
+    ratio = hidden_size / config.hidden_size
+    config.hidden_size, config.num_hidden_layers = hidden_size, num_layers
+    config.num_attention_heads = num_heads or config.num_attention_heads
+    if hidden_size % config.num_attention_heads:
+        raise ValueError(f"--student_hidden_size {hidden_size} must be divisible by the {config.num_attention_heads} heads.")
+    if hasattr(config, "intermediate_size"):
+        config.intermediate_size = max(1, int(round(config.intermediate_size * ratio)))
+    return type(teacher)(config)

@@ -84,6 +84,16 @@ class IntermediateSettings:
         return {name: w for name, w in weights.items() if w > 0}
 
 
+def parse_layer_map_spec(spec: str) -> tuple[str, Optional[int]]:
+    """``"last:1"`` -> ("last", 1), ``"skip:2"`` -> ("skip", 2); other specs (names, JSON maps) pass through."""
+    name, sep, count = str(spec).partition(":")
+    if sep and name in ("last", "skip"):
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"Layer map {spec!r}: the count after ':' must be a positive integer (e.g. last:1).")
+        return name, int(count)
+    return spec, None
+
+
 def model_dims(model: nn.Module) -> tuple[int, int, int]:
     """(layers, width, attention heads) of a transformers model, whatever the family's attribute names."""
     config = getattr(model, "config", None)
@@ -131,8 +141,10 @@ class IntermediateTerms(nn.Module):
         self.attention_map: dict[int, int] = {}
         self.projections: Optional[FeatureProjections] = None
         if settings.hidden_weight > 0:
+            strategy, count = parse_layer_map_spec(settings.hidden_layer_map)
             self.hidden_map = resolve_layer_map(
-                settings.hidden_layer_map, ls, lt, include_embeddings=settings.hidden_include_embeddings
+                strategy, ls, lt, include_embeddings=settings.hidden_include_embeddings,
+                num_layers=count if strategy == "last" else None, step=count if strategy == "skip" else None,
             )
             try:
                 needs_projection = check_widths(ws, wt, settings.hidden_projection)
@@ -141,7 +153,10 @@ class IntermediateTerms(nn.Module):
             if needs_projection:
                 self.projections = FeatureProjections(ws, wt, self.hidden_map, shared=settings.hidden_shared_projection)
         if settings.attention_weight > 0:
-            self.attention_map = resolve_attention_layer_map(settings.attention_layer_map, ls, lt)
+            strategy, count = parse_layer_map_spec(settings.attention_layer_map)
+            self.attention_map = resolve_attention_layer_map(
+                strategy, ls, lt, num_layers=count if strategy == "last" else None, step=count if strategy == "skip" else None
+            )
             if hs != ht and settings.attention_head_mismatch == "error":
                 raise ValueError(
                     f"The student has {hs} attention heads and the teacher {ht}. Set --attention_head_mismatch mean "

@@ -135,3 +135,14 @@ def test_teacher_mixture_softens_to_the_weighted_average():
     torch.testing.assert_close(torch.softmax(mixed / T, -1), expected)
     torch.testing.assert_close(torch.softmax(teacher_mixture_logits([a], [1.0], T) / T, -1), torch.softmax(a / T, -1))
     assert math.isfinite(float(mixed.sum()))
+
+
+def test_last_and_skip_counts_in_the_layer_map_string():
+    student, teacher = _eager_pair()
+    last1 = IntermediateTerms(IntermediateSettings(hidden_weight=1, hidden_layer_map="last:1",
+                                                   hidden_include_embeddings=False), student, teacher)
+    assert last1.hidden_map == {2: 4}
+    skip = IntermediateTerms(IntermediateSettings(attention_weight=1, attention_layer_map="skip:2"), student, teacher)
+    assert skip.attention_map == {0: 1, 1: 3}
+    with pytest.raises(ValueError, match="positive integer"):
+        IntermediateTerms(IntermediateSettings(hidden_weight=1, hidden_layer_map="last:x"), student, teacher)
