@@ -84,6 +84,47 @@ class DistillationArguments(TrainingArguments):
         metadata={"help": "Rows (tokens) per chunk for token-level losses; bounds memory at large vocabularies. 0: off."},
     )
 
+    # --- production: preflight, fault handling, atomic saving, compile ---------------------------
+    preflight: bool = field(
+        default=True,
+        metadata={"help": "Before the first step, log one preflight block (teacher metric on the eval set, label "
+                  "maps / vocabularies, active loss terms, peak-memory estimate) and refuse runs that cannot work."},
+    )
+    preflight_force: bool = field(
+        default=False,
+        metadata={"help": "Run even when the preflight refuses (estimated memory above what is available, no "
+                  "active loss term); the problems are still logged."},
+    )
+    preflight_eval_batches: int = field(
+        default=8,
+        metadata={"help": "Eval batches (per process) on which the preflight measures the teacher; 0 skips it."},
+    )
+    max_non_finite_losses: int = field(
+        default=10,
+        metadata={"help": "Optimizer steps with a NaN/inf loss that are skipped (no update) before training stops "
+                  "with an error; 0 stops at the first one."},
+    )
+    non_finite_loss_count: str = field(
+        default="total",
+        metadata={"help": "How bad steps are counted against max_non_finite_losses: total (since the start) or "
+                  "consecutive (a finite step resets the count).", "choices": ["total", "consecutive"]},
+    )
+    save_on_signal: bool = field(
+        default=True,
+        metadata={"help": "On SIGTERM/SIGINT, save a resumable checkpoint at the end of the current optimizer step, "
+                  "then exit with 128 + signal number."},
+    )
+    atomic_save: bool = field(
+        default=True,
+        metadata={"help": "Write checkpoints and the final student into a temporary folder and rename them into "
+                  "place, so a run killed while saving leaves the previous save loadable."},
+    )
+    torch_compile_teacher: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the teacher (backend and mode from torch_compile_backend / "
+                  "torch_compile_mode, default inductor). torch_compile compiles the student."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.temperature > 0:
@@ -102,6 +143,15 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"`distillation_task` must be one of {TASKS}, got {self.distillation_task!r}.")
         if self.loss_chunk_size < 0:
             raise ValueError("`loss_chunk_size` must be >= 0 (0 turns chunking off).")
+        # --- production
+        if self.preflight_eval_batches < 0:
+            raise ValueError(f"`preflight_eval_batches` must be >= 0, got {self.preflight_eval_batches}.")
+        if self.max_non_finite_losses < 0:
+            raise ValueError(f"`max_non_finite_losses` must be >= 0, got {self.max_non_finite_losses}.")
+        if self.non_finite_loss_count not in ("total", "consecutive"):
+            raise ValueError(
+                f"`non_finite_loss_count` must be 'total' or 'consecutive', got {self.non_finite_loss_count!r}."
+            )
 
     def distillation_dict(self) -> dict[str, Any]:
         """The arguments this class adds to TrainingArguments, as plain data."""

@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -33,11 +35,22 @@ from transformers import (
     Trainer,
 )
 
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 from . import __version__
 from .arguments import DistillationArguments
+from .callbacks import NonFiniteLossCounter, SignalCheckpointCallback
 from .collator import TeacherColumnsCollator
 from .losses.logits import chunked_weighted_sums, hard_label_loss, soft_label_loss, topk_soft_label_loss
 from .tasks import TARGET_KEYS, LogitRows, count_items, detect_task, logit_rows, task_logits, unwrap_model
+from .io import atomic_contents, last_complete_checkpoint, replace_directory
+from .preflight import (
+    MemoryEstimate,
+    PreflightReport,
+    available_memory_bytes,
+    compatibility_summary,
+    estimate_peak_memory,
+)
 from .teacher_cache import model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -49,6 +62,7 @@ AUTO_CLASS_BY_TASK = {
     "causal-lm": AutoModelForCausalLM,
 }
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DISTILLATION_STATE_NAME = "distillation_state.json"  # in checkpoints: non-finite loss counts
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -161,6 +175,7 @@ class DistillationTrainer(Trainer):
         self._term_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._eval_counts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._last_term_log_step = 0
+        self._init_production()
 
     # ------------------------------------------------------------------ set-up and checks
     def _cached_columns(self) -> tuple[str, ...]:
@@ -227,7 +242,7 @@ class DistillationTrainer(Trainer):
         teacher.eval()
         if self.args.teacher_dtype != "auto":
             teacher.to(TEACHER_DTYPES[self.args.teacher_dtype])
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return self._compile_teacher(self.accelerator.prepare_model(teacher, evaluation_mode=True))
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep teacher columns (cached outputs, ``teacher_``-prefixed inputs) through remove_unused_columns."""
@@ -356,6 +371,8 @@ class DistillationTrainer(Trainer):
             for name in sorted(k for k in self._term_sums if not k.startswith("eval_")):
                 logs[name] = round(self._reduce(self._term_sums.pop(name), reduction).item() / steps, 6)
             self._last_term_log_step = self.state.global_step
+            if self._non_finite.total:
+                logs["non_finite_losses"] = self._non_finite.total
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ evaluation
@@ -441,7 +458,245 @@ class DistillationTrainer(Trainer):
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """Save the student as a plain `from_pretrained` folder, and the recipe under ``distillation/``."""
-        super()._save(output_dir, state_dict=state_dict)
-        folder = Path(output_dir or self.args.output_dir) / "distillation"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "recipe.json").write_text(json.dumps(self.recipe(), indent=2, default=str))
+        with self._atomic_target(output_dir or self.args.output_dir) as target:  # temp folder, renamed in
+            super()._save(target, state_dict=state_dict)
+            folder = Path(target) / "distillation"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "recipe.json").write_text(json.dumps(self.recipe(), indent=2, default=str))
+
+    # ---- production: preflight, fault handling, atomic saving ----------------------------------------
+    # Preflight (train() → run_preflight), the non-finite loss guard (training_step), the signal checkpoint
+    # (SignalCheckpointCallback, registered in _init_production), atomic checkpoints and saves
+    # (_save_checkpoint, _atomic_target), resume from the last complete checkpoint and the teacher compile.
+    def _init_production(self) -> None:
+        args = self.args
+        self.preflight_report: Optional[PreflightReport] = None
+        self._preflight_done = False
+        self._non_finite = NonFiniteLossCounter(args.max_non_finite_losses, args.non_finite_loss_count)
+        self._step_has_bad_loss = False
+        self._step_term_sums: Optional[dict[str, torch.Tensor]] = None
+        self.skipped_optimizer_steps = 0
+        self._staging_run_dir: Optional[str] = None
+        self._saving_checkpoint = False
+        if args.save_on_signal and not any(isinstance(c, SignalCheckpointCallback) for c in self.callback_handler.callbacks):
+            self.add_callback(SignalCheckpointCallback())
+
+    def active_loss_terms(self) -> dict[str, float]:
+        """Every configured loss term and its weight ({name: weight}); weight 0 means off. Extend per term."""
+        return {"kd": float(self.args.alpha), "ce": round(1.0 - float(self.args.alpha), 10)}
+
+    def inactive_loss_terms(self, batch: Optional[dict[str, Any]] = None) -> dict[str, str]:
+        """Configured terms that cannot apply with this data or teacher: {name: why}. ``batch``: one collated
+        training batch (None when unknown). Extend per term (e.g. hidden states with a cached teacher)."""
+        inactive: dict[str, str] = {}
+        if batch is not None and not any(k in batch for k in TARGET_KEYS[self.task]):
+            inactive["ce"] = "no labels in the training batches, so the soft term gets weight 1"
+        return inactive
+
+    def _compile_teacher(self, teacher: nn.Module) -> nn.Module:
+        if not self.args.torch_compile_teacher or hasattr(teacher, "_orig_mod"):  # Accelerate compiles every
+            return teacher  # prepared model, the teacher too, when torch_compile (the student's switch) is on
+        return torch.compile(teacher, backend=self.args.torch_compile_backend or "inductor",
+                             mode=self.args.torch_compile_mode)
+
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`, after the preflight; ``resume_from_checkpoint=True`` picks the last *complete*
+        checkpoint, and the distillation state (non-finite counts) is restored with it."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir}).")
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            state_file = Path(resume_from_checkpoint) / DISTILLATION_STATE_NAME
+            if state_file.is_file():
+                state = json.loads(state_file.read_text())
+                self._non_finite.load_state_dict(state.get("non_finite", {}))
+                self.skipped_optimizer_steps = int(state.get("skipped_optimizer_steps", 0))
+        if self.args.should_save and self.args.atomic_save:
+            for stale in Path(self.args.output_dir).glob(".checkpoint-*.staging"):  # left by a crash while saving
+                shutil.rmtree(stale, ignore_errors=True)
+        if self.args.preflight and not self._preflight_done:
+            self.run_preflight()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # -- preflight
+    def run_preflight(self) -> PreflightReport:
+        """Measure the teacher, list labels and loss terms, estimate peak memory; log one block; refuse
+        (PreflightError) when the run cannot work unless ``preflight_force``. RNG states are left untouched."""
+        devices = [self.args.device.index or 0] if self.args.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            batch = self._preflight_batch()
+            metric, source, num_labels, majority = self._preflight_teacher_metric()
+            report = PreflightReport(
+                teacher_metric=metric, teacher_metric_source=source, num_labels=num_labels, majority=majority,
+                compatibility=compatibility_summary(self.teacher, self.model, self.task),
+                loss_weights=self.active_loss_terms(), inactive_terms=self.inactive_loss_terms(batch),
+                memory=self._preflight_memory(batch), available_bytes=available_memory_bytes(self.args.device),
+            )
+        self.preflight_report, self._preflight_done = report, True
+        if self.is_world_process_zero():
+            problems = report.warnings() or report.errors()
+            (logger.warning if problems else logger.info)("%s", report.format())
+        if report.errors() and self.args.preflight_force:
+            logger.warning("Preflight errors ignored because preflight_force is set.")
+        report.check(force=self.args.preflight_force)
+        return report
+
+    def _preflight_batch(self) -> Optional[dict[str, Any]]:
+        if self.train_dataset is None:
+            return None
+        try:
+            return next(iter(self.get_train_dataloader()))
+        except StopIteration:
+            return None
+
+    def _preflight_teacher_metric(self):
+        """(metric, source, num_labels, majority): teacher top-1 accuracy against the labels."""
+        limit = self.args.preflight_eval_batches
+        dataset = self.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()), None)
+        where = "eval set" if dataset is not None else "training batches (no eval_dataset)"
+        if limit == 0:
+            return None, "preflight_eval_batches=0", None, None
+        width = self._student_output_width()
+        num_labels = None if self.task == "question-answering" else width
+        correct = torch.zeros((), device=self.args.device)
+        labelled = torch.zeros((), device=self.args.device)
+        histogram = torch.zeros(width if num_labels else 1, device=self.args.device)
+        loader = self.get_eval_dataloader(dataset) if dataset is not None else self.get_train_dataloader()
+        batches = 0
+        try:
+            for batches, inputs in enumerate(loader, start=1):
+                inputs = self._prepare_inputs(inputs)
+                _, teacher_inputs, cached = self._split_inputs(inputs)
+                with torch.no_grad():
+                    teacher = self.teacher_targets(teacher_inputs, cached)
+                parts = (teacher,) if isinstance(teacher, torch.Tensor) else tuple(teacher)
+                for r in logit_rows(self.task, parts[0], teacher, inputs):
+                    if r.labels is None:
+                        continue
+                    top1 = r.teacher[1][..., 0] if len(r.teacher) == 2 else r.teacher[0].argmax(-1)
+                    valid = (r.weights > 0) & (r.labels != -100)
+                    correct += ((top1 == r.labels) & valid).sum()
+                    labelled += valid.sum()
+                    if num_labels:
+                        histogram += torch.bincount(r.labels[valid].long(), minlength=width)[:width].float()
+                if batches >= limit:
+                    break
+        except ValueError as error:  # e.g. no teacher and no cached outputs in the eval set
+            return None, f"{where}: {error}", None, None
+        correct, labelled, histogram = (self._reduce(t, "sum") for t in (correct, labelled, histogram))
+        if labelled.item() == 0:
+            return None, f"{where}: no labels", None, None
+        majority = (histogram.max() / histogram.sum()).item() if num_labels else None
+        source = f"{where}, {batches} batch(es), {int(labelled.item())} labelled rows"
+        return {"accuracy": correct.item() / labelled.item()}, source, num_labels, majority
+
+    def _preflight_memory(self, batch: Optional[dict[str, Any]]) -> MemoryEstimate:
+        seq_length = 1
+        if batch is not None and torch.is_tensor(batch.get("input_ids")) and batch["input_ids"].dim() > 1:
+            seq_length = batch["input_ids"].shape[-1]
+        data = self.train_dataset
+        if hasattr(data, "column_names") and "input_ids" in (data.column_names or []) and hasattr(data, "__len__"):
+            seq_length = max([seq_length] + [len(ids) for ids in data[: min(len(data), 1024)]["input_ids"]])
+        topk = None
+        indices = f"{self.args.teacher_topk_column_prefix}_indices"
+        if self.teacher is None and batch is not None and indices in batch:
+            topk = batch[indices].shape[-1]
+        return estimate_peak_memory(
+            self.model, self.teacher, batch_size=self.args.per_device_train_batch_size, seq_length=seq_length,
+            optimizer=str(self.args.optim), gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            task=self.task, vocab_or_labels=self._student_output_width(),
+            teacher_dtype_bytes={"float32": 4, "bfloat16": 2, "float16": 2}.get(self.args.teacher_dtype),
+            cached_topk=topk, loss_chunk_size=self.args.loss_chunk_size, device=self.args.device,
+        )
+
+    # -- non-finite loss guard
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[torch.Tensor] = None):
+        """The stock step, except that a NaN/inf loss (on any process) is not back-propagated, and the whole
+        optimizer step it belongs to is skipped: gradients of the step's other micro-batches are dropped, so
+        the optimizer sees no gradient and updates nothing. Counted; too many raise NonFiniteLossError."""
+        accelerator = self.accelerator
+        own_backward = "backward" in vars(accelerator)
+        stock_backward = accelerator.backward
+        if self._step_term_sums is None:  # the step's first micro-batch: its loss terms so far
+            self._step_term_sums = {k: v.clone() for k, v in self._term_sums.items()}
+
+        def guarded_backward(loss: torch.Tensor, **kwargs: Any) -> None:
+            finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+            if accelerator.num_processes > 1:  # every rank takes the same decision, or DDP hangs in backward
+                finite = accelerator.reduce(finite, "sum") / accelerator.num_processes
+            if finite.item() == 1.0:
+                return stock_backward(loss, **kwargs)
+            self._step_has_bad_loss = True
+
+        accelerator.backward = guarded_backward
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if own_backward:
+                accelerator.backward = stock_backward
+            else:
+                del accelerator.backward
+        if accelerator.sync_gradients:  # the step's last micro-batch: clip and optimizer step follow
+            bad, self._step_has_bad_loss = self._step_has_bad_loss, False
+            if bad:
+                model.zero_grad(set_to_none=True)
+                self._term_sums.clear()
+                self._term_sums.update(self._step_term_sums or {})  # a skipped step leaves no loss_<term> either
+                self.skipped_optimizer_steps += 1
+            self._step_term_sums = None
+            self._non_finite.check(float("nan") if bad else 0.0, step=self.state.global_step + 1)
+        return loss
+
+    # -- atomic saving
+    @contextmanager
+    def _atomic_target(self, output_dir: str):
+        """Where _save writes: a temporary folder moved into ``output_dir`` on success (atomic_save)."""
+        if not self.args.atomic_save or self._saving_checkpoint:  # a checkpoint is staged as a whole
+            yield output_dir
+            return
+        with atomic_contents(output_dir) as staging:
+            yield str(staging)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write ``checkpoint-<step>`` into ``.checkpoint-<step>.staging/`` (every process writes its part
+        there), then the main process renames it into place and rotates old checkpoints."""
+        if not self.args.atomic_save:
+            super()._save_checkpoint(model, trial)
+            return
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_run_dir = os.path.join(run_dir, f".{name}.staging")
+        if self.args.should_save:
+            shutil.rmtree(staging_run_dir, ignore_errors=True)
+            os.makedirs(staging_run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir, self._saving_checkpoint = staging_run_dir, True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir, self._saving_checkpoint = None, False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, final = os.path.join(staging_run_dir, name), os.path.join(run_dir, name)
+            best = self.state.best_model_checkpoint
+            if best and os.path.abspath(best).startswith(os.path.abspath(staging_run_dir)):
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            state = {"non_finite": self._non_finite.state_dict(), "skipped_optimizer_steps": self.skipped_optimizer_steps}
+            Path(staged, DISTILLATION_STATE_NAME).write_text(json.dumps(state))
+            replace_directory(staged, final)
+            shutil.rmtree(staging_run_dir, ignore_errors=True)
+            if hasattr(self, "_rotate_checkpoints"):  # transformers 4.x
+                self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+            else:
+                from transformers.trainer import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
