@@ -83,6 +83,109 @@ class DistillationArguments(TrainingArguments):
         default=1024,
         metadata={"help": "Rows (tokens) per chunk for token-level losses; bounds memory at large vocabularies. 0: off."},
     )
+    truncate_teacher_vocab: bool = field(
+        default=False,
+        metadata={"help": "Causal LM: when the teacher's output layer has extra (padding) rows beyond the student's "
+                  "vocabulary, drop them from its logits. Off: differing sizes are an error."},
+    )
+    # --- schedules -----------------------------------------------------------------------------
+    temperature_schedule: str = field(
+        default="constant",
+        metadata={"help": "Temperature over training: constant, linear or cosine, from temperature to temperature_end.",
+                  "choices": list(SCHEDULES)},
+    )
+    temperature_end: Optional[float] = field(
+        default=None, metadata={"help": "Temperature at the last step (> 0); default: temperature."}
+    )
+    alpha_schedule: str = field(
+        default="constant",
+        metadata={"help": "alpha over training: constant, linear or cosine, from alpha to alpha_end.",
+                  "choices": list(SCHEDULES)},
+    )
+    alpha_end: Optional[float] = field(default=None, metadata={"help": "alpha at the last step, in [0, 1]; default: alpha."})
+    # --- intermediate layers: hidden states ------------------------------------------------------
+    hidden_weight: float = field(
+        default=0.0, metadata={"help": "Weight (>= 0) of the hidden-state term loss_hidden; 0: off."}
+    )
+    hidden_loss: str = field(
+        default="mse", metadata={"help": "Hidden-state loss: mse, cosine or pkd (normalised [CLS], Sun et al. 2019).",
+                                 "choices": ["mse", "cosine", "pkd"]},
+    )
+    hidden_layer_map: str = field(
+        default="uniform",
+        metadata={"help": "Student→teacher hidden-state layers: uniform, last, last:N, skip, skip:N, or a JSON map "
+                  "'{\"2\": 4}' (0 = embeddings, i = output of layer i)."},
+    )
+    hidden_include_embeddings: bool = field(
+        default=True, metadata={"help": "Also match the embedding outputs (0 → 0) under a named strategy."}
+    )
+    hidden_projection: bool = field(
+        default=True,
+        metadata={"help": "Learn linear projections student width → teacher width when they differ; saved to "
+                  "distillation/projections.safetensors, never in the student."},
+    )
+    hidden_shared_projection: bool = field(
+        default=False, metadata={"help": "One projection shared by all mapped layers (TinyBERT's W_h) instead of one each."}
+    )
+    # --- intermediate layers: attention maps -----------------------------------------------------
+    attention_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight (>= 0) of the attention-map term loss_attention; 0: off. Switches models to eager attention."},
+    )
+    attention_loss: str = field(
+        default="kl", metadata={"help": "Attention loss: kl (teacher ‖ student per query row) or mse.", "choices": ["kl", "mse"]}
+    )
+    attention_layer_map: str = field(
+        default="uniform", metadata={"help": "Student→teacher attention layers (0-based): as hidden_layer_map."}
+    )
+    attention_head_mismatch: str = field(
+        default="mean",
+        metadata={"help": "When head counts differ: mean (compare head-averaged maps) or error.", "choices": ["mean", "error"]},
+    )
+    # --- intermediate layers: relations ----------------------------------------------------------
+    relation_weight: float = field(
+        default=0.0, metadata={"help": "Weight (>= 0) of the relation term loss_relation; 0: off."}
+    )
+    relation_loss: str = field(
+        default="minilm",
+        metadata={"help": "minilm (token-token relations of the last hidden states, any widths/heads), rkd_distance or "
+                  "rkd_angle (sample relations of mean-pooled states).", "choices": ["minilm", "rkd_distance", "rkd_angle"]},
+    )
+    relation_teacher_layer: int = field(
+        default=-1, metadata={"help": "Teacher hidden-state index the student's last layer relates to (-1: last)."}
+    )
+    relation_heads: int = field(
+        default=1, metadata={"help": "MiniLM relation heads; must divide both widths."}
+    )
+    # --- several teachers, self-distillation -----------------------------------------------------
+    teacher_weights: Optional[list[float]] = field(
+        default=None,
+        metadata={"help": "Weights in [0, 1] of several teachers (summing to 1); default: equal."},
+    )
+    multi_teacher_mode: str = field(
+        default="average",
+        metadata={"help": "average: distil the weighted mixture of the teachers' softened distributions; sum: the "
+                  "weighted sum of one soft loss per teacher.", "choices": ["average", "sum"]},
+    )
+    intermediate_teacher: int = field(
+        default=0, metadata={"help": "Index of the teacher that intermediate (hidden/attention/relation) terms match."}
+    )
+    self_distillation: str = field(
+        default="none",
+        metadata={"help": "With no teacher: snapshot (the student before training) or ema (a moving average of the "
+                  "student, updated every step) is the teacher.", "choices": ["none", "snapshot", "ema"]},
+    )
+    ema_decay: float = field(default=0.999, metadata={"help": "Decay d in [0, 1) of the EMA teacher."})
+    # --- causal LM: on-policy data (GKD) ---------------------------------------------------------
+    lmbda: float = field(
+        default=0.0,
+        metadata={"help": "Probability in [0, 1], per optimizer step, that the student generates the completions it "
+                  "is trained on (on-policy, GKD). 0: the dataset's completions only."},
+    )
+    generation_max_new_tokens: int = field(default=64, metadata={"help": "On-policy generation: new tokens at most."})
+    generation_temperature: float = field(default=1.0, metadata={"help": "On-policy generation: sampling temperature (> 0)."})
+    generation_top_p: float = field(default=1.0, metadata={"help": "On-policy generation: nucleus top-p in (0, 1]."})
+    generation_top_k: int = field(default=0, metadata={"help": "On-policy generation: top-k (0: off)."})
 
     # --- production: preflight, fault handling, atomic saving, compile ---------------------------
     preflight: bool = field(
@@ -152,6 +255,43 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(
                 f"`non_finite_loss_count` must be 'total' or 'consecutive', got {self.non_finite_loss_count!r}."
             )
+        self._check_recipe_extensions()
+
+    def _check_recipe_extensions(self) -> None:
+        """Range checks of schedules, intermediate terms, several teachers, self-distillation, on-policy data."""
+        for name in ("temperature_schedule", "alpha_schedule"):
+            if getattr(self, name) not in SCHEDULES:
+                raise ValueError(f"`{name}` must be one of {SCHEDULES}, got {getattr(self, name)!r}.")
+        if self.temperature_end is not None and not self.temperature_end > 0:
+            raise ValueError(f"`temperature_end` must be > 0, got {self.temperature_end}.")
+        if self.alpha_end is not None:
+            _unit_interval("alpha_end", self.alpha_end)
+        for name in ("hidden_weight", "attention_weight", "relation_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}. Use 0 to turn the term off.")
+        from .intermediate import IntermediateSettings
+
+        IntermediateSettings.from_args(self).check()
+        if self.teacher_weights is not None:
+            for w in self.teacher_weights:
+                _unit_interval("teacher_weights", w)
+            if abs(sum(self.teacher_weights) - 1.0) > 1e-6:
+                raise ValueError(f"`teacher_weights` must sum to 1, got {self.teacher_weights} (sum {sum(self.teacher_weights)}).")
+        if self.multi_teacher_mode not in ("average", "sum"):
+            raise ValueError(f"`multi_teacher_mode` must be 'average' or 'sum', got {self.multi_teacher_mode!r}.")
+        if self.self_distillation not in ("none", "snapshot", "ema"):
+            raise ValueError(f"`self_distillation` must be none, snapshot or ema, got {self.self_distillation!r}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
+        _unit_interval("lmbda", self.lmbda)
+        if self.generation_max_new_tokens < 1:
+            raise ValueError(f"`generation_max_new_tokens` must be >= 1, got {self.generation_max_new_tokens}.")
+        if not self.generation_temperature > 0:
+            raise ValueError(f"`generation_temperature` must be > 0, got {self.generation_temperature}.")
+        if not 0.0 < self.generation_top_p <= 1.0:
+            raise ValueError(f"`generation_top_p` must be in (0, 1], got {self.generation_top_p}.")
+        if self.generation_top_k < 0:
+            raise ValueError(f"`generation_top_k` must be >= 0, got {self.generation_top_k}.")
 
     def distillation_dict(self) -> dict[str, Any]:
         """The arguments this class adds to TrainingArguments, as plain data."""

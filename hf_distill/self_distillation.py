@@ -40,18 +40,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 
 
 class EMATeacherCallback(TrainerCallback):
-    """Update the EMA teacher after each optimizer step; save it into each checkpoint."""
+    """Update the EMA teacher after each optimizer step (the trainer saves it into each checkpoint)."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, decay: float) -> None:
         self.teacher, self.student, self.decay = teacher, student, decay
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         ema_update(self.teacher, self.student, self.decay)
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "distillation"
-        if folder.parent.is_dir():
-            save_ema_teacher(self.teacher, folder / EMA_FILE)
 
 
 def save_ema_teacher(teacher: nn.Module, path: Path) -> None:

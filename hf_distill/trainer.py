@@ -6,6 +6,10 @@ One training step (see DESIGN.md)::
           └► teacher(**teacher_inputs) or cache ─► teacher targets ┴► rows (tasks.py) ─► loss terms ─► loss
 
     loss = alpha · KD(teacher ‖ student; T) · T² + (1 − alpha) · CE(student, labels)
+         + w_hidden · L_hidden + w_attention · L_attention + w_relation · L_relation
+
+alpha and T may follow schedules; with several teachers KD reads their mixture (or sums one KD per
+teacher); the intermediate terms read ``hidden_states`` / ``attentions`` of the same two forwards.
 
 Normalisation: every term is a sum over items (examples, or tokens for token tasks) divided by the
 number of items in the whole optimizer step, counted across gradient-accumulation micro-batches and
@@ -41,7 +45,15 @@ from . import __version__
 from .arguments import DistillationArguments
 from .callbacks import NonFiniteLossCounter, SignalCheckpointCallback
 from .collator import TeacherColumnsCollator
-from .losses.logits import chunked_weighted_sums, hard_label_loss, soft_label_loss, topk_soft_label_loss
+from .intermediate import IntermediateSettings, IntermediateTerms, use_eager_attention
+from .losses.logits import (
+    chunked_weighted_sums,
+    hard_label_loss,
+    soft_label_loss,
+    teacher_mixture_logits,
+    topk_soft_label_loss,
+)
+from .schedules import scheduled_value
 from .tasks import TARGET_KEYS, LogitRows, count_items, detect_task, logit_rows, task_logits, unwrap_model
 from .io import atomic_contents, last_complete_checkpoint, replace_directory
 from .preflight import (
@@ -61,7 +73,10 @@ AUTO_CLASS_BY_TASK = {
     "question-answering": AutoModelForQuestionAnswering,
     "causal-lm": AutoModelForCausalLM,
 }
+PROJECTIONS_FILE = "projections.safetensors"
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Columns that describe a batch but are not model inputs (causal-LM prompts and generation bookkeeping).
+NON_MODEL_KEYS = ("prompt_length", "completion_finished", "prompt_input_ids", "prompt_attention_mask")
 DISTILLATION_STATE_NAME = "distillation_state.json"  # in checkpoints: non-finite loss counts
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -91,16 +106,35 @@ def _default_label_map(id2label: dict) -> bool:
     return all(str(v) == f"LABEL_{k}" for k, v in id2label.items())
 
 
-def check_teacher_student_compatible(teacher: nn.Module, student: nn.Module, task: str) -> None:
+def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """Token-level distillation needs the same token ids: compare the two vocabularies entry by entry."""
+    if teacher_tokenizer is None or student_tokenizer is None or teacher_tokenizer is student_tokenizer:
+        return
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        differing = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda kv: kv[1])[:5]
+        raise ValueError(
+            f"The teacher's and the student's tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} entries; e.g. "
+            f"{differing}). Token-level distillation compares distributions over the same token ids: give the student "
+            "the teacher's tokenizer."
+        )
+
+
+def check_teacher_student_compatible(
+    teacher: nn.Module, student: nn.Module, task: str, truncate_teacher_vocab: bool = False
+) -> None:
     """Refuse pairs whose outputs cannot be compared: label counts or maps, or vocabulary sizes."""
     t_config, s_config = unwrap_model(teacher).config, unwrap_model(student).config
     if task == "causal-lm":
         t_vocab = unwrap_model(teacher).get_output_embeddings().weight.shape[0]
         s_vocab = unwrap_model(student).get_output_embeddings().weight.shape[0]
-        if t_vocab != s_vocab:
+        if t_vocab > s_vocab and truncate_teacher_vocab:
+            logger.info("Teacher has %d output rows, the student %d: the extra teacher rows are dropped.", t_vocab, s_vocab)
+        elif t_vocab != s_vocab:
             raise ValueError(
                 f"Teacher and student vocabularies differ ({t_vocab} vs {s_vocab} output rows). Token-level "
-                "distillation needs the same tokenizer and vocabulary; build the student with the teacher's tokenizer."
+                "distillation needs the same tokenizer and vocabulary; build the student with the teacher's tokenizer. "
+                "If the teacher's extra rows are only padding of the same vocabulary, pass --truncate_teacher_vocab."
             )
         return
     if task == "question-answering":
@@ -124,21 +158,25 @@ class DistillationTrainer(Trainer):
 
     Args:
         model: the student.
-        teacher_model: a model, a local folder or a Hub id; ``None`` when the datasets carry cached
-            teacher outputs (see :func:`hf_distill.cache_teacher_outputs`).
+        teacher_model: a model, a local folder or a Hub id, or a list of them (several teachers, weighted by
+            ``args.teacher_weights``); ``None`` when the datasets carry cached teacher outputs (see
+            :func:`hf_distill.cache_teacher_outputs`) or with ``args.self_distillation``.
         args: :class:`DistillationArguments`.
-        teacher_processing_class: the teacher's tokenizer, when it differs from the student's (used to
-            pad ``teacher_``-prefixed inputs).
+        teacher_processing_class: the teacher's tokenizer, when it is a separate object (checked to have the
+            student's vocabulary for causal LMs; used to pad ``teacher_``-prefixed inputs).
+        peft_config: a PEFT config (e.g. ``LoraConfig``): the student is wrapped with ``get_peft_model`` so that
+            only its adapters train; saving writes the adapter. The teacher stays the full model.
         Every other argument is passed to `transformers.Trainer`.
     """
 
     def __init__(
         self,
         model: Union[PreTrainedModel, nn.Module, None] = None,
-        teacher_model: Union[PreTrainedModel, nn.Module, str, None] = None,
+        teacher_model: Union[PreTrainedModel, nn.Module, str, list, None] = None,
         args: Optional[DistillationArguments] = None,
         *trainer_args: Any,
         teacher_processing_class: Any = None,
+        peft_config: Any = None,
         **trainer_kwargs: Any,
     ) -> None:
         if model is None:
@@ -148,20 +186,44 @@ class DistillationTrainer(Trainer):
         if not isinstance(args, DistillationArguments):
             raise TypeError("`args` must be DistillationArguments (a TrainingArguments subclass with the recipe).")
         self.task = args.distillation_task or detect_task(model)
-        if isinstance(teacher_model, (str, os.PathLike)):
-            self.teacher_name_or_path = str(teacher_model)
-            teacher_model = load_teacher(str(teacher_model), self.task, args.teacher_trust_remote_code)
-        else:
-            self.teacher_name_or_path = getattr(getattr(teacher_model, "config", None), "_name_or_path", None)
+        teachers = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else (
+            [] if teacher_model is None else [teacher_model]
+        )
+        if not teachers and args.self_distillation != "none":
+            from .self_distillation import snapshot_teacher
+
+            teachers = [snapshot_teacher(model)]
+        self.teacher_names = [
+            str(t) if isinstance(t, (str, os.PathLike)) else getattr(getattr(t, "config", None), "_name_or_path", None)
+            for t in teachers
+        ]
+        self.teacher_name_or_path = self.teacher_names[0] if self.teacher_names else None
+        teachers = [
+            load_teacher(str(t), self.task, args.teacher_trust_remote_code) if isinstance(t, (str, os.PathLike)) else t
+            for t in teachers
+        ]
+        self.teacher_weights = self._resolve_teacher_weights(len(teachers), args)
+        if peft_config is not None:
+            model = self._wrap_with_peft(model, peft_config)
+        self.intermediate = self._build_intermediate(args, model, teachers)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self._check_datasets()
-        self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        if self.task == "causal-lm":
+            check_same_tokenizer(teacher_processing_class, self.processing_class)
+        self.teachers = [self._prepare_teacher(t) for t in teachers]
+        self.teacher = self.teachers[args.intermediate_teacher] if self.teachers else None
         if self.teacher is None and not self._has_cached_teacher():
             raise ValueError(
                 "No teacher: pass `teacher_model` (a model, folder or Hub id), or cache its outputs into the "
                 "datasets with hf_distill.cache_teacher_outputs() and train from those."
             )
         self._check_cached_outputs()
+        if self.intermediate is not None:
+            self.intermediate.to(self.args.device)
+        if args.self_distillation == "ema":
+            from .self_distillation import EMATeacherCallback
+
+            self.add_callback(EMATeacherCallback(self.teacher, self.model, args.ema_decay))
         self.data_collator = TeacherColumnsCollator(
             self.data_collator,
             cached_columns=self._cached_columns(),
@@ -176,6 +238,97 @@ class DistillationTrainer(Trainer):
         self._eval_counts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._last_term_log_step = 0
         self._init_production()
+
+    # ------------------------------------------------------------------ several teachers, PEFT, intermediate terms
+    @staticmethod
+    def _resolve_teacher_weights(count: int, args: DistillationArguments) -> list[float]:
+        if args.teacher_weights is None:
+            return [1.0 / count] * count if count else []
+        if len(args.teacher_weights) != count:
+            raise ValueError(f"Got {len(args.teacher_weights)} teacher_weights for {count} teachers; give one weight per teacher.")
+        if count and not 0 <= args.intermediate_teacher < count:
+            raise ValueError(f"`intermediate_teacher` {args.intermediate_teacher} is out of range for {count} teachers.")
+        return list(args.teacher_weights)
+
+    @staticmethod
+    def _wrap_with_peft(model: nn.Module, peft_config: Any) -> nn.Module:
+        try:
+            from peft import get_peft_model
+        except ImportError as error:  # pragma: no cover - peft is a dependency
+            raise ImportError("peft_config needs the `peft` package: pip install peft") from error
+        model = get_peft_model(model, peft_config)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        logger.info("LoRA student: %d of %d parameters train (%.2f%%).", trainable, total, 100.0 * trainable / max(total, 1))
+        return model
+
+    def _build_intermediate(self, args: DistillationArguments, student: nn.Module, teachers: list) -> Optional[IntermediateTerms]:
+        """Resolve layer maps and projections of the hidden/attention/relation terms, before training starts."""
+        settings = IntermediateSettings.from_args(args)
+        if not settings.active:
+            return None
+        if not teachers:
+            raise ValueError(
+                "Hidden-state, attention and relation terms need a live teacher: cached outputs hold logits only. "
+                "Pass `teacher_model`, or set hidden_weight/attention_weight/relation_weight to 0."
+            )
+        teacher = teachers[args.intermediate_teacher]
+        terms = IntermediateTerms(settings, unwrap_model(student), unwrap_model(teacher))
+        if terms.needs_attentions:
+            changed = use_eager_attention(unwrap_model(student), *[unwrap_model(t) for t in teachers])
+            if changed:
+                logger.warning(
+                    "Attention terms need attention weights, which only eager attention returns: switched %s to "
+                    "eager for this run.", ", ".join(changed)
+                )
+        logger.info("Intermediate terms: %s", json.dumps(terms.describe(), default=str))
+        return terms
+
+    def _output_flags(self) -> dict[str, bool]:
+        if self.intermediate is None:
+            return {}
+        flags = {}
+        if self.intermediate.needs_hidden_states:
+            flags["output_hidden_states"] = True
+        if self.intermediate.needs_attentions:
+            flags["output_attentions"] = True
+        return flags
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        """The stock optimizer, plus a parameter group for the learned projections (no weight decay)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        projections = None if self.intermediate is None else self.intermediate.projections
+        if projections is not None and not getattr(self, "_projections_in_optimizer", False):
+            optimizer.add_param_group({"params": list(projections.parameters()), "weight_decay": 0.0})
+            self._projections_in_optimizer = True
+        return optimizer
+
+    def _sync_projection_gradients(self) -> None:
+        """DDP averages the student's gradients; the projections live outside it, so average theirs here."""
+        projections = None if self.intermediate is None else self.intermediate.projections
+        if projections is None or self.accelerator.num_processes < 2 or not self.accelerator.sync_gradients:
+            return
+        for p in projections.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.accelerator.num_processes
+
+    # ------------------------------------------------------------------ schedules
+    def _progress(self) -> float:
+        max_steps = getattr(self.state, "max_steps", 0) or 0
+        return self.state.global_step / max_steps if max_steps > 0 else 0.0
+
+    def current_temperature(self) -> float:
+        """The temperature at this step (``temperature_schedule``)."""
+        a = self.args
+        end = a.temperature if a.temperature_end is None else a.temperature_end
+        return scheduled_value(a.temperature_schedule, a.temperature, end, self._progress())
+
+    def current_alpha(self) -> float:
+        """alpha at this step (``alpha_schedule``)."""
+        a = self.args
+        end = a.alpha if a.alpha_end is None else a.alpha_end
+        return scheduled_value(a.alpha_schedule, a.alpha, end, self._progress())
 
     # ------------------------------------------------------------------ set-up and checks
     def _cached_columns(self) -> tuple[str, ...]:
@@ -238,7 +391,7 @@ class DistillationTrainer(Trainer):
                 "The teacher has parameters that require gradients. Freeze it with teacher.requires_grad_(False) "
                 "or keep `freeze_teacher=True` so the trainer does it."
             )
-        check_teacher_student_compatible(teacher, self.model, self.task)
+        check_teacher_student_compatible(teacher, self.model, self.task, self.args.truncate_teacher_vocab)
         teacher.eval()
         if self.args.teacher_dtype != "auto":
             teacher.to(TEACHER_DTYPES[self.args.teacher_dtype])
@@ -248,7 +401,9 @@ class DistillationTrainer(Trainer):
         """Keep teacher columns (cached outputs, ``teacher_``-prefixed inputs) through remove_unused_columns."""
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
-            extra = set(self._cached_columns()) | {c for c in self._dataset_columns() if c.startswith("teacher_")}
+            columns = self._dataset_columns()
+            extra = set(self._cached_columns()) | {c for c in columns if c.startswith("teacher_")}
+            extra |= {c for c in NON_MODEL_KEYS if c in columns}
             self._signature_columns += sorted(extra - set(self._signature_columns))
 
     # ------------------------------------------------------------------ item counting (normalisation)
@@ -257,8 +412,12 @@ class DistillationTrainer(Trainer):
         if not batch_samples:
             return None
         num_items = sum(count_items(batch, self.task).to(device) for batch in batch_samples)
+        num_examples = torch.tensor(float(sum(len(b["input_ids"]) for b in batch_samples)), device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             num_items = self.accelerator.gather(num_items.reshape(1)).sum()
+            num_examples = self.accelerator.gather(num_examples.reshape(1)).sum()
+        self._examples_in_step = num_examples  # the intermediate terms average over examples, not tokens
+        self._on_policy_step = self._draw_on_policy()
         return num_items
 
     # ------------------------------------------------------------------ the loss
@@ -267,37 +426,64 @@ class DistillationTrainer(Trainer):
         cached_names = set(self._cached_columns())
         cached = {k: v for k, v in inputs.items() if k in cached_names}
         prefixed = {k[len("teacher_"):]: v for k, v in inputs.items() if k.startswith("teacher_") and k not in cached_names}
-        targets = set(TARGET_KEYS[self.task]) | {"label", "label_ids"}
+        targets = set(TARGET_KEYS[self.task]) | {"label", "label_ids"} | set(NON_MODEL_KEYS)
         student_inputs = {k: v for k, v in inputs.items() if k not in targets and not k.startswith("teacher_")}
         return student_inputs, (prefixed or student_inputs), cached
 
-    def teacher_targets(self, teacher_inputs: dict, cached: dict) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Cached teacher outputs if the batch has them, else one teacher forward under no_grad."""
+    def _cached_targets(self, cached: dict, temperature: float) -> Optional[tuple[torch.Tensor, ...]]:
+        """Cached teacher outputs of the batch (full logits, or top-k log-probs and indices), if any."""
         prefix = self.args.teacher_topk_column_prefix
         if self.args.teacher_logits_column in cached:
-            return cached[self.args.teacher_logits_column]
+            return (cached[self.args.teacher_logits_column],)
         if f"{prefix}_indices" in cached:
-            temperature = cached.get(f"{prefix}_temperature")
-            if temperature is not None and not torch.allclose(temperature.float(), torch.tensor(self.args.temperature)):
+            cache_temperature = cached.get(f"{prefix}_temperature")
+            if cache_temperature is not None and not torch.allclose(cache_temperature.float(), torch.tensor(temperature)):
                 raise ValueError(
-                    f"The top-k cache was made at temperature {temperature.flatten()[0].item()} but training uses "
-                    f"{self.args.temperature}; re-cache with the training temperature or set --temperature to match."
+                    f"The top-k cache was made at temperature {cache_temperature.flatten()[0].item()} but training uses "
+                    f"{temperature}; re-cache with the training temperature or set --temperature to match (and keep "
+                    "--temperature_schedule constant)."
                 )
             return cached[f"{prefix}_log_probs"], cached[f"{prefix}_indices"]
-        if self.teacher is None:
-            raise ValueError(
-                "No teacher outputs for this batch: pass `teacher_model` or cache its outputs into the dataset "
-                "with hf_distill.cache_teacher_outputs()."
-            )
-        with torch.no_grad():
-            return task_logits(self.teacher(**teacher_inputs), self.task)
+        return None
 
-    def _row_losses(self, has_labels: bool, topk: bool):
+    def teacher_forward(self, teacher_inputs: dict) -> list[Any]:
+        """One forward of each teacher under no_grad; the intermediate teacher also returns its internals."""
+        flags = self._output_flags()
+        with torch.no_grad():
+            return [
+                teacher(**teacher_inputs, **(flags if i == self.args.intermediate_teacher else {}))
+                for i, teacher in enumerate(self.teachers)
+            ]
+
+    def teacher_targets(
+        self, teacher_outputs: list[Any], cached: dict, temperature: float, student_width: int
+    ) -> list[tuple[tuple[torch.Tensor, ...], float]]:
+        """[(targets, weight)]: the soft-label targets of the batch and the weight of their KD term.
+
+        Cached outputs when the batch has them (and no teacher ran); else the live teachers: one target,
+        their mixture (``multi_teacher_mode="average"``), or one per teacher (``"sum"``).
+        """
+        if not teacher_outputs:
+            targets = self._cached_targets(cached, temperature)
+            if targets is None:
+                raise ValueError(
+                    "No teacher outputs for this batch: pass `teacher_model` or cache its outputs into the dataset "
+                    "with hf_distill.cache_teacher_outputs()."
+                )
+            return [(targets, 1.0)]
+        logits = [task_logits(out, self.task)[..., :student_width] for out in teacher_outputs]
+        if len(logits) == 1:
+            return [((logits[0],), 1.0)]
+        if self.args.multi_teacher_mode == "average":
+            return [((teacher_mixture_logits(logits, self.teacher_weights, temperature),), 1.0)]
+        return [((z,), w) for z, w in zip(logits, self.teacher_weights)]
+
+    def _row_losses(self, has_labels: bool, topk: bool, temperature: float):
         """f(student_rows, *teacher_rows, labels) -> [2, N]: the soft and hard per-row losses."""
         args = self.args
         options = dict(
             loss=args.distillation_loss,
-            temperature=args.temperature,
+            temperature=temperature,
             scale_by_temperature_squared=args.scale_by_temperature_squared,
             jsd_beta=args.jsd_beta,
             skew_lambda=args.skew_lambda,
@@ -311,22 +497,51 @@ class DistillationTrainer(Trainer):
 
         return rows
 
-    def logit_terms(self, rows: list[LogitRows]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """alpha · Σ soft + (1 − alpha) · Σ hard over all rows (unnormalised), and each sum for logging."""
-        has_labels = all(r.labels is not None for r in rows)
-        alpha = self.args.alpha if has_labels else 1.0
+    def logit_terms(
+        self, rows_per_target: list[tuple[list[LogitRows], float]], alpha: float, temperature: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """alpha · Σ_i w_i Σ soft_i + (1 − alpha) · Σ hard over all rows (unnormalised), and each sum for logging."""
+        has_labels = all(r.labels is not None for rows, _ in rows_per_target for r in rows)
+        alpha = alpha if has_labels else 1.0
         weighted, sums = torch.zeros(()), torch.zeros(2)
-        for r in rows:
-            row_fn = self._row_losses(has_labels, topk=len(r.teacher) == 2)
-            targets = r.teacher + ((r.labels,) if has_labels else ())
-            w_sum, s = chunked_weighted_sums(
-                row_fn, (alpha, 1.0 - alpha), r.student, r.weights, *targets, chunk_size=self.args.loss_chunk_size
-            )
-            weighted, sums = weighted.to(w_sum.device) + w_sum, sums.to(s.device) + s
+        for i, (rows, weight) in enumerate(rows_per_target):
+            hard_weight = 1.0 - alpha if i == 0 else 0.0  # CE reads the labels once, whatever the teachers
+            for r in rows:
+                row_fn = self._row_losses(has_labels, topk=len(r.teacher) == 2, temperature=temperature)
+                targets = r.teacher + ((r.labels,) if has_labels else ())
+                w_sum, term = chunked_weighted_sums(
+                    row_fn, (alpha * weight, hard_weight), r.student, r.weights, *targets,
+                    chunk_size=self.args.loss_chunk_size,
+                )
+                term = term.to(sums.device) * torch.tensor([weight, 1.0 if i == 0 else 0.0])
+                weighted, sums = weighted.to(w_sum.device) + w_sum, sums + term.to(sums.device)
         terms = {"kd": sums[0]}
         if has_labels:
             terms["ce"] = sums[1]
         return weighted, terms
+
+    # ------------------------------------------------------------------ on-policy data (GKD)
+    def _draw_on_policy(self) -> bool:
+        """Whether this optimizer step trains on student generations: a coin of probability lmbda, seeded by
+        (seed, step), so every process and a resumed run draw the same."""
+        if self.args.lmbda <= 0 or self.task != "causal-lm":
+            return False
+        rng = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+        return bool(torch.rand((), generator=rng) < self.args.lmbda)
+
+    def on_policy_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Replace the batch's completions by the student's own (prompts kept)."""
+        from .causal_lm import generate_on_policy_batch
+
+        tokenizer = self.processing_class
+        pad = getattr(tokenizer, "pad_token_id", None)
+        eos = getattr(tokenizer, "eos_token_id", None) or getattr(unwrap_model(model).config, "eos_token_id", None)
+        a = self.args
+        return generate_on_policy_batch(
+            model, inputs, pad_token_id=pad if pad is not None else eos, eos_token_id=eos,
+            max_new_tokens=a.generation_max_new_tokens, temperature=a.generation_temperature,
+            top_p=a.generation_top_p, top_k=a.generation_top_k, do_sample=True,
+        )
 
     def compute_loss(
         self,
@@ -335,23 +550,55 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Optional[torch.Tensor] = None,
     ):
+        if model.training and getattr(self, "_on_policy_step", False):
+            inputs = self.on_policy_inputs(model, inputs)
+            num_items_in_batch = None  # the generated batch has its own token count (see _normaliser)
         student_inputs, teacher_inputs, cached = self._split_inputs(inputs)
-        student_outputs = model(**student_inputs)
+        student_outputs = model(**student_inputs, **self._output_flags())
         student_logits = task_logits(student_outputs, self.task)
-        teacher = self.teacher_targets(teacher_inputs, cached)
-        rows = logit_rows(self.task, student_logits, teacher, inputs)
+        temperature, alpha = self.current_temperature(), self.current_alpha()
+        use_cache = bool(cached) and self.intermediate is None
+        teacher_outputs = [] if use_cache else self.teacher_forward(teacher_inputs)
+        targets = self.teacher_targets(teacher_outputs, cached, temperature, student_logits.shape[-1])
+        rows = [(logit_rows(self.task, student_logits, t, inputs), w) for t, w in targets]
 
-        loss_sum, term_sums = self.logit_terms(rows)  # alpha · KD + (1 − alpha) · CE, summed over items
-        if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
-            num_items_in_batch = count_items(inputs, self.task)
-        loss = loss_sum / num_items_in_batch
+        items, examples = self._normalisers(inputs, num_items_in_batch, model.training)
+        loss_sum, term_sums = self.logit_terms(rows, alpha, temperature)  # alpha · KD + (1 − alpha) · CE
+        loss = loss_sum / items
+        if self.intermediate is not None:  # + Σ w_term · term, averaged over examples
+            attention_mask = student_inputs.get("attention_mask")
+            feature_sums = self.intermediate(student_outputs, teacher_outputs[self.args.intermediate_teacher], attention_mask)
+            weights = self.intermediate.settings.active
+            loss = loss + sum(weights[name] * value for name, value in feature_sums.items()) / examples
+            self._record_terms(feature_sums, examples, prefix="eval_" if not model.training else "")
 
-        self._record_terms(term_sums, num_items_in_batch, prefix="eval_" if not model.training else "")
+        self._record_terms(term_sums, items, prefix="eval_" if not model.training else "")
         if model.training and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         if return_outputs:
-            return loss, {"logits": student_logits, "teacher_logits": teacher}
+            first = targets[0][0]  # for agreement metrics: the (mixed) teacher logits, or the top-k pair
+            return loss, {"logits": student_logits, "teacher_logits": first[0] if len(first) == 1 else first}
         return loss
+
+    def _normalisers(self, inputs: dict, num_items_in_batch: Optional[torch.Tensor], training: bool) -> tuple:
+        """(items, examples) that the summed losses are divided by.
+
+        In the training loop, the counts of the whole optimizer step (all accumulation micro-batches and
+        processes), from ``_get_num_items_in_batch``. Outside it (evaluation), and for an on-policy batch whose
+        completions were just generated, the batch's own counts, scaled by the accumulation steps so that
+        the step still averages over its micro-batches.
+        """
+        if num_items_in_batch is not None:
+            examples = getattr(self, "_examples_in_step", None)
+            return num_items_in_batch, examples if examples is not None else float(len(inputs["input_ids"]))
+        items = count_items(inputs, self.task).clamp_min(1)
+        examples = float(len(inputs["input_ids"]))
+        if training:
+            scale = self.args.gradient_accumulation_steps * (
+                self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            )
+            items, examples = items * scale, examples * scale
+        return items, examples
 
     # ------------------------------------------------------------------ logging of each term
     def _record_terms(self, term_sums: dict[str, torch.Tensor], num_items: torch.Tensor, prefix: str) -> None:
@@ -438,6 +685,20 @@ class DistillationTrainer(Trainer):
             "kd": {"weight": args.alpha, "divergence": args.distillation_loss, "temperature": args.temperature},
             "ce": {"weight": round(1.0 - args.alpha, 10)},
         }
+        if args.alpha_schedule != "constant" or args.temperature_schedule != "constant":
+            losses["kd"]["schedules"] = {
+                "alpha": [args.alpha_schedule, args.alpha, args.alpha if args.alpha_end is None else args.alpha_end],
+                "temperature": [args.temperature_schedule, args.temperature,
+                                args.temperature if args.temperature_end is None else args.temperature_end],
+            }
+        intermediate = None if self.intermediate is None else self.intermediate.describe()
+        if intermediate is not None:
+            settings = intermediate["settings"]
+            for name, weight in intermediate["active"].items():
+                losses[name] = {"weight": weight, "loss": settings.get(f"{name}_loss")}
+        extra_teachers = [
+            {"name_or_path": name, "weight": w} for name, w in zip(self.teacher_names, self.teacher_weights)
+        ] if len(self.teachers) > 1 else None
         return {
             "hf_distill_version": __version__,
             "task": self.task,
@@ -452,7 +713,14 @@ class DistillationTrainer(Trainer):
                 "num_parameters": sum(p.numel() for p in student.parameters()),
                 "model_type": getattr(student.config, "model_type", None),
             },
+            "teachers": extra_teachers,
+            "multi_teacher_mode": args.multi_teacher_mode if extra_teachers else None,
+            "self_distillation": None if args.self_distillation == "none" else args.self_distillation,
             "losses": losses,
+            "layer_map": None if intermediate is None else {
+                k: v for k, v in intermediate.items() if k.endswith("layer_map") or k == "projections"
+            },
+            "datasets": list(getattr(self, "dataset_names", []) or []),
             "arguments": arguments,
         }
 
@@ -463,6 +731,55 @@ class DistillationTrainer(Trainer):
             folder = Path(target) / "distillation"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "recipe.json").write_text(json.dumps(self.recipe(), indent=2, default=str))
+            projections = None if self.intermediate is None else self.intermediate.projections
+            if projections is not None:
+                projections.save(folder / PROJECTIONS_FILE)
+            if self._saving_checkpoint and self.args.self_distillation == "ema" and self.teacher is not None:
+                from .self_distillation import EMA_FILE, save_ema_teacher
+
+                save_ema_teacher(self.teacher, folder / EMA_FILE)  # a resumed run continues the same average
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        """Restore the student (stock), and the learned projections and EMA teacher of the checkpoint."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        projections = None if self.intermediate is None else self.intermediate.projections
+        path = Path(resume_from_checkpoint) / "distillation" / PROJECTIONS_FILE
+        if projections is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            projections.load_state_dict(load_file(str(path), device=str(self.args.device)))
+        if self.args.self_distillation == "ema" and self.teacher is not None:
+            from .self_distillation import load_ema_teacher
+
+            load_ema_teacher(self.teacher, resume_from_checkpoint)
+
+    # ------------------------------------------------------------------ model card and Hub
+    def create_model_card(self, model_name: Optional[str] = None, dataset_name: Optional[str] = None, **kwargs: Any) -> None:
+        """Write the distillation model card (``model_cards/`` template) instead of the generic Trainer card."""
+        if not self.is_world_process_zero():
+            return
+        from .cards import write_model_card
+
+        if dataset_name:
+            self.dataset_names = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name)
+            recipe_path = Path(self.args.output_dir) / "distillation" / "recipe.json"
+            if recipe_path.parent.is_dir():
+                recipe_path.write_text(json.dumps(self.recipe(), indent=2, default=str))
+        write_model_card(self.args.output_dir, model_name=model_name or self.args.hub_model_id)
+
+    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True, **kwargs: Any) -> str:
+        """Save the student and card, then upload only the allowlisted files (student, card, plot, onnx/)."""
+        from .hub import push_distilled_to_hub
+
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
+        self.save_model()
+        self.create_model_card(model_name=repo_id, dataset_name=kwargs.get("dataset_name"))
+        if not self.is_world_process_zero():
+            return ""
+        return push_distilled_to_hub(
+            self.args.output_dir, repo_id, token=self.args.hub_token, private=bool(self.args.hub_private_repo),
+            commit_message=commit_message or "Upload distilled model", revision=kwargs.get("revision"),
+        )
 
     # ---- production: preflight, fault handling, atomic saving ----------------------------------------
     # Preflight (train() → run_preflight), the non-finite loss guard (training_step), the signal checkpoint
@@ -482,8 +799,13 @@ class DistillationTrainer(Trainer):
             self.add_callback(SignalCheckpointCallback())
 
     def active_loss_terms(self) -> dict[str, float]:
-        """Every configured loss term and its weight ({name: weight}); weight 0 means off. Extend per term."""
-        return {"kd": float(self.args.alpha), "ce": round(1.0 - float(self.args.alpha), 10)}
+        """Every configured loss term and its weight ({name: weight}); weight 0 means off."""
+        a = self.args
+        terms = {"kd": float(a.alpha), "ce": round(1.0 - float(a.alpha), 10)}
+        if a.alpha_schedule != "constant" and a.alpha_end is not None:  # a term is active if it is ever weighted
+            terms = {"kd": max(a.alpha, a.alpha_end), "ce": round(1.0 - min(a.alpha, a.alpha_end), 10)}
+        terms.update({"hidden": a.hidden_weight, "attention": a.attention_weight, "relation": a.relation_weight})
+        return terms
 
     def inactive_loss_terms(self, batch: Optional[dict[str, Any]] = None) -> dict[str, str]:
         """Configured terms that cannot apply with this data or teacher: {name: why}. ``batch``: one collated
@@ -570,9 +892,10 @@ class DistillationTrainer(Trainer):
             for batches, inputs in enumerate(loader, start=1):
                 inputs = self._prepare_inputs(inputs)
                 _, teacher_inputs, cached = self._split_inputs(inputs)
-                with torch.no_grad():
-                    teacher = self.teacher_targets(teacher_inputs, cached)
-                parts = (teacher,) if isinstance(teacher, torch.Tensor) else tuple(teacher)
+                outputs = [] if cached and self.intermediate is None else self.teacher_forward(teacher_inputs)
+                targets = self.teacher_targets(outputs, cached, self.current_temperature(), width)
+                parts = targets[0][0]
+                teacher = parts[0] if len(parts) == 1 else parts
                 for r in logit_rows(self.task, parts[0], teacher, inputs):
                     if r.labels is None:
                         continue
@@ -643,11 +966,15 @@ class DistillationTrainer(Trainer):
             bad, self._step_has_bad_loss = self._step_has_bad_loss, False
             if bad:
                 model.zero_grad(set_to_none=True)
+                if self.intermediate is not None:
+                    self.intermediate.zero_grad(set_to_none=True)
                 self._term_sums.clear()
                 self._term_sums.update(self._step_term_sums or {})  # a skipped step leaves no loss_<term> either
                 self.skipped_optimizer_steps += 1
             self._step_term_sums = None
             self._non_finite.check(float("nan") if bad else 0.0, step=self.state.global_step + 1)
+            if not bad:
+                self._sync_projection_gradients()
         return loss
 
     # -- atomic saving

@@ -169,12 +169,12 @@ class NaNTeacherTrainer(DistillationTrainer):
 
     bad_micro_batches: tuple[int, ...] = ()
 
-    def teacher_targets(self, teacher_inputs, cached):
-        targets = super().teacher_targets(teacher_inputs, cached)
+    def teacher_targets(self, teacher_outputs, cached, temperature, student_width):
+        targets = super().teacher_targets(teacher_outputs, cached, temperature, student_width)
         if self.model.training:
             self.micro_batch = getattr(self, "micro_batch", 0) + 1
             if self.micro_batch in self.bad_micro_batches:
-                return torch.full_like(targets, float("nan"))
+                return [(tuple(torch.full_like(t, float("nan")) for t in parts), w) for parts, w in targets]
         return targets
 
 

@@ -278,7 +278,7 @@ def test_preflight_passes_a_teacher_that_knows_the_labels(tmp_path, caplog):
 def test_preflight_reports_unused_and_zero_weight_terms(tmp_path):
     data, _ = sentiment_dataset(32)
     unlabelled = _trainer(tmp_path / "a", data.remove_columns("label"))
-    assert unlabelled.active_loss_terms() == {"kd": 0.5, "ce": 0.5}
+    assert unlabelled.active_loss_terms() == {"kd": 0.5, "ce": 0.5, "hidden": 0.0, "attention": 0.0, "relation": 0.0}
     unlabelled.train()
     report = unlabelled.preflight_report
     assert set(report.unused_terms()) == {"ce"} and report.active_terms() == {"kd": 0.5}
