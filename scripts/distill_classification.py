@@ -39,7 +39,15 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from hf_distill import DistillationArguments, DistillationTrainer, classification_metrics, create_student  # noqa: E402
+from hf_distill import (  # noqa: E402
+    DistillationArguments,
+    DistillationTrainer,
+    bert_to_distilbert,
+    cache_teacher_outputs,
+    classification_metrics,
+    create_student,
+)
+from hf_distill.augmentation import augment_texts  # noqa: E402
 from hf_distill.classification import (  # noqa: E402
     accuracy_on,
     count_parameters,
@@ -47,6 +55,7 @@ from hf_distill.classification import (  # noqa: E402
     load_tokenizer,
     markdown_table,
     measure_latency,
+    narrow_student,
     synthetic_setup,
     tokenize_splits,
 )
@@ -66,6 +75,15 @@ class ScriptArguments:
         metadata={"help": "Student: a Hub id or local folder. Default: built from the teacher's layers (--student_layers)."},
     )
     student_layers: int = field(default=2, metadata={"help": "Layers of a student built from the teacher."})
+    student_hidden_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Build a narrower, randomly initialised student of this width instead (TinyBERT-style)."},
+    )
+    student_type: str = field(
+        default="same",
+        metadata={"help": "'same': the teacher's class; 'distilbert': convert the BERT-built student to DistilBert*.",
+                  "choices": ["same", "distilbert"]},
+    )
     tokenizer: Optional[str] = field(
         default=None, metadata={"help": "Tokenizer: Hub id, folder or a WordPiece vocab.txt. Default: the teacher's."}
     )
@@ -82,10 +100,37 @@ class ScriptArguments:
         metadata={"help": "Fine-tune the teacher on the training split first (epochs). The synthetic task uses 4."},
     )
     teacher_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of that teacher fine-tuning."})
+    teacher_train_size: int = field(
+        default=2000, metadata={"help": "Synthetic task: clean examples the teacher is trained on."}
+    )
+    measure_speed: bool = field(default=True, metadata={"help": "Time each model at batch 1 and 32 for the table."})
     compare_baseline: bool = field(
         default=True, metadata={"help": "Also train the same student on hard labels only, for the same steps."}
     )
-    export_onnx: bool = field(default=True, metadata={"help": "Export the student to ONNX fp32 + int8 at the end."})
+    augment_factor: int = field(
+        default=0,
+        metadata={"help": "Add this many augmented variants per training text (masking, replacement, n-grams), "
+                  "labelled by the teacher only (Tang et al. 2019 / TinyBERT). 0: off."},
+    )
+    augment_replace_with: str = field(
+        default="mask", metadata={"help": "Token replacement of the augmentation: mask, vocab or mlm.",
+                                  "choices": ["mask", "vocab", "mlm"]},
+    )
+    augment_mlm: Optional[str] = field(
+        default=None, metadata={"help": "Masked-LM (Hub id or folder) for --augment_replace_with mlm."}
+    )
+    cache_teacher: bool = field(
+        default=False,
+        metadata={"help": "Run the teacher once over the training set and train from the cached logits "
+                  "(offline distillation; logit terms only)."},
+    )
+    export_onnx: bool = field(
+        default=True,
+        metadata={"help": "Export the student to ONNX fp32 + int8, check parity, and write report.{json,md,png} "
+                  "(teacher vs student vs ONNX: accuracy, size, latency)."},
+    )
+    report_threads: int = field(default=1, metadata={"help": "Threads for the latency report (stated in it)."})
+    model_card: bool = field(default=True, metadata={"help": "Write the distillation model card (README.md)."})
     recipe: Optional[str] = field(
         default=None, metadata={"help": "A JSON or YAML file of argument values; command-line flags override it."}
     )
@@ -114,6 +159,47 @@ def train_teacher(teacher, tokenizer, data, args: DistillationArguments, epochs:
         logging_steps=args.logging_steps,
     )
     Trainer(teacher, teacher_args, train_dataset=data, processing_class=tokenizer).train()
+
+
+def add_augmented_examples(train, texts, tokenizer, teacher, script: ScriptArguments, seed: int):
+    """Append teacher-labelled augmented texts (label -100: they have no ground truth)."""
+    from datasets import Dataset, concatenate_datasets
+
+    mlm = None
+    if script.augment_replace_with == "mlm":
+        from transformers import AutoModelForMaskedLM
+
+        if not script.augment_mlm:
+            raise ValueError("--augment_replace_with mlm needs --augment_mlm, a masked LM sharing the tokenizer.")
+        mlm = AutoModelForMaskedLM.from_pretrained(script.augment_mlm)
+    new_texts = augment_texts(texts, tokenizer, num_per_example=script.augment_factor,
+                              replace_with=script.augment_replace_with, mlm_model=mlm, seed=seed)
+    extra = Dataset.from_dict({"text": new_texts, "label": [-100] * len(new_texts)})
+    extra = extra.map(lambda b: tokenizer(b["text"], truncation=True, max_length=script.max_length), batched=True)
+    extra = extra.remove_columns("text").cast(train.features)
+    logger.info("Augmentation: %d new texts from %d (x%d requested).", len(extra), len(texts), script.augment_factor)
+    return concatenate_datasets([train, extra]).shuffle(seed=seed)
+
+
+def export_and_report(output_dir: str, teacher, tokenizer, eval_split, script: ScriptArguments) -> dict:
+    """ONNX fp32 + int8 export with parity checks, then the latency/size/accuracy report and plot.
+
+    The teacher is saved beside the run (``<output_dir>-teacher``), not inside the student's folder.
+    """
+    from hf_distill.export import export_onnx
+    from hf_distill.export.report import benchmark_models, write_report
+
+    exported = export_onnx(output_dir, sample_texts=eval_split["text"][:8])
+    teacher_dir = Path(f"{str(output_dir).rstrip('/')}-teacher")
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    rows = benchmark_models(
+        output_dir, teacher_dir=teacher_dir, eval_texts=eval_split["text"], eval_labels=eval_split["label"],
+        threads=script.report_threads, sequence_length=script.max_length,
+    )
+    write_report(output_dir, rows, title="Distilled student: accuracy, size and latency")
+    logger.info("ONNX export (%s backend) and report written to %s", exported.backend, output_dir)
+    return exported.to_dict()
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -146,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         teacher_data = train
         if synthetic:
             clean, _ = load_text_classification(
-                "synthetic", seed=args.seed + 100, synthetic_label_noise=0.0, synthetic_train_size=2000
+                "synthetic", seed=args.seed + 100, synthetic_label_noise=0.0, synthetic_train_size=script.teacher_train_size
             )
             teacher_data = tokenize_splits(clean, tokenizer, script.max_length)["train"].remove_columns("text")
         train_teacher(teacher, tokenizer, teacher_data, args, teacher_epochs, script.teacher_learning_rate)
@@ -158,13 +244,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 script.student, num_labels=len(label_names), id2label=teacher.config.id2label,
                 label2id=teacher.config.label2id,
             )
-        return create_student(teacher, num_layers=script.student_layers)
+        if script.student_hidden_size:
+            return narrow_student(teacher, script.student_layers, script.student_hidden_size)
+        student = create_student(teacher, num_layers=script.student_layers)
+        return bert_to_distilbert(student) if script.student_type == "distilbert" else student
 
+    distill_train = train
+    if script.augment_factor:
+        distill_train = add_augmented_examples(train, data["train"]["text"], tokenizer, teacher, script, args.seed)
+    if script.cache_teacher:
+        distill_train = cache_teacher_outputs(teacher, distill_train, batch_size=args.per_device_eval_batch_size)
     collator = DataCollatorWithPadding(tokenizer)
-    common = dict(train_dataset=train, eval_dataset=data["validation"].remove_columns("text"),
+    common = dict(eval_dataset=data["validation"].remove_columns("text"),
                   processing_class=tokenizer, data_collator=collator, compute_metrics=classification_metrics)
     student = build_student()
-    trainer = DistillationTrainer(student, teacher, args, **common)
+    trainer = DistillationTrainer(student, None if script.cache_teacher else teacher, args,
+                                  train_dataset=distill_train, **common)
     trainer.train()
     trainer.save_model()
     metrics = trainer.evaluate()
@@ -180,22 +275,27 @@ def main(argv: Optional[list[str]] = None) -> dict:
         row = {"model": name, "parameters": count_parameters(model)}
         for split, dataset in evaluation_splits.items():
             row[f"{split} accuracy"] = accuracy_on(model, dataset, tokenizer, max_length=script.max_length)
-        latency = measure_latency(model, tokenizer, texts, max_length=script.max_length)
-        row["latency b1 (ms)"], row["latency b32 (ms)"] = latency["batch_1"]["median"], latency["batch_32"]["median"]
+        if script.measure_speed:
+            latency = measure_latency(model, tokenizer, texts, max_length=script.max_length)
+            row["latency b1 (ms)"], row["latency b32 (ms)"] = latency["batch_1"]["median"], latency["batch_32"]["median"]
         return row
 
     rows.append(describe("teacher", teacher))
     rows.append(describe(f"student ({args.distillation_loss}, alpha={args.alpha}, T={args.temperature})", trainer.model))
     if script.compare_baseline:
         baseline_args = dataclasses.replace(args, alpha=0.0, output_dir=str(Path(args.output_dir) / "baseline"))
-        baseline = DistillationTrainer(build_student(), teacher, baseline_args, **common)
+        baseline = DistillationTrainer(build_student(), teacher, baseline_args, train_dataset=train, **common)
         baseline.train()
         rows.append(describe("student, hard labels only", baseline.model))
     columns = ["model", "parameters"] + [f"{s} accuracy" for s in evaluation_splits] + ["latency b1 (ms)", "latency b32 (ms)"]
     table = markdown_table(rows, columns)
     results = {"rows": rows, "threads": torch.get_num_threads(), "eval_metrics": metrics}
+    if script.export_onnx and trainer.is_world_process_zero():
+        results["export"] = export_and_report(args.output_dir, teacher, tokenizer, data["validation"], script)
     if trainer.is_world_process_zero():
-        Path(args.output_dir, "results.json").write_text(json.dumps(results, indent=2))
+        Path(args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str))
+        if script.model_card:
+            trainer.create_model_card(dataset_name=script.dataset)
         print(f"\nDistillation results ({torch.get_num_threads()} CPU threads)\n{table}\n")
         print(f"Student saved to {args.output_dir}")
     return results
