@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+from transformers import BertForSequenceClassification
 
 from hf_distill import DistillationArguments, DistillationTrainer, cache_teacher_outputs
 from tiny_models import distill_args, lm_collator, lm_dataset, sentiment_dataset, tiny_bert, tiny_gpt2
@@ -107,3 +108,42 @@ def test_teacher_loaded_from_a_saved_folder(tmp_path):
     assert not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
     assert trainer.recipe()["teacher"]["name_or_path"].endswith("teacher")
     assert copy.deepcopy(trainer.teacher.config.num_labels) == 2
+
+
+class _NoAttentionBert(BertForSequenceClassification):
+    """A model whose forward drops attention weights (as some custom kernels do)."""
+
+    def forward(self, *args, output_attentions=None, **kwargs):
+        outputs = super().forward(*args, **kwargs)
+        outputs.attentions = None
+        return outputs
+
+
+def test_attention_requested_from_a_model_that_cannot_return_it(tmp_path):
+    data, tokenizer = sentiment_dataset(8)
+    student = _NoAttentionBert(tiny_bert(seed=1).config)
+    trainer = DistillationTrainer(student, tiny_bert(seed=2), distill_args(tmp_path, attention_weight=1.0, preflight=False,
+                                  distillation_task="sequence-classification"),
+                                  train_dataset=data, processing_class=tokenizer)
+    batch = trainer._prepare_inputs(trainer.data_collator([data[i] for i in range(4)]))
+    with pytest.raises(ValueError, match="no `attentions`"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hidden_weight": 1.0, "hidden_layer_map": '{"1": 12}'}, "range"),
+        ({"hidden_weight": 1.0, "hidden_loss": "huber"}, "hidden_loss"),
+        ({"relation_weight": 1.0, "relation_loss": "gram"}, "relation_loss"),
+        ({"lmbda": 1.5}, "lmbda"),
+        ({"jsd_beta": -0.1}, "jsd_beta"),
+        ({"teacher_weights": [0.7, 0.7]}, "sum to 1"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"temperature_end": 0.0, "temperature_schedule": "linear"}, "temperature_end"),
+    ],
+)
+def test_recipe_values_out_of_range_name_the_flag(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        args = distill_args(tmp_path, **overrides)
+        DistillationTrainer(tiny_bert(seed=1), tiny_bert(layers=4, seed=2), args, train_dataset=sentiment_dataset(4)[0])
