@@ -35,6 +35,11 @@ _PUBLIC = {
     "tokenize_completions": "causal_lm",
     "CompletionCollator": "causal_lm",
     "generate_teacher_completions": "causal_lm",
+    "cache_teacher_completions": "causal_lm",
+    "distill_progressively": "progressive",
+    "augment_texts": "augmentation",
+    "augment_and_cache": "augmentation",
+    "IntermediateSettings": "intermediate",
 }
 __all__ = sorted(_PUBLIC)
 
