@@ -1,0 +1,110 @@
+"""2-process DDP on CPU (gloo) gives the single-process result for the same global batch.
+
+`accelerate launch --config_file scripts/accelerate_configs/ddp_cpu.yaml` runs this file as the training script
+of two ranks (once, for every scenario); each test then trains the same student in this process with the whole
+global batch on one rank, and compares the logged losses (total and per term) and the
+final weights. The 8 examples make exactly one global batch, so every step sees all of them, whatever the
+sampler's shuffling on one rank or two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "accelerate_configs"
+BIN = Path(sys.executable).parent
+STEPS = 3
+
+
+def _run(output_dir: Path, per_device_batch: int, accumulation: int, cached: bool) -> dict:
+    from hf_distill import DistillationTrainer, cache_teacher_outputs
+    from tiny_models import distill_args, sentiment_dataset, tiny_bert
+
+    data, tokenizer = sentiment_dataset(8)
+    teacher = tiny_bert(layers=3, seed=2)
+    if cached:
+        data, teacher = cache_teacher_outputs(teacher, data, batch_size=8), None
+    args = distill_args(output_dir, per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=accumulation,
+                        max_steps=STEPS, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
+                        preflight=False)
+    trainer = DistillationTrainer(tiny_bert(seed=1), teacher, args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    logs = [{k: e[k] for k in ("loss", "loss_kd", "loss_ce")} for e in trainer.state.log_history if "loss" in e]
+    weights = {k: v.tolist() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
+    return {"world_size": trainer.args.world_size, "logs": logs, "weights": weights}
+
+
+def _launch(command: list[str], out: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))
+    done = subprocess.run(command, cwd=Path(__file__).parent, env=env, timeout=240, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads((out / "ddp.json").read_text())
+
+
+def _compare(ddp: dict, single: dict) -> None:
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    assert len(ddp["logs"]) == len(single["logs"]) == STEPS
+    for step, (a, b) in enumerate(zip(ddp["logs"], single["logs"]), start=1):
+        for key in ("loss", "loss_kd", "loss_ce"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), f"{key} at step {step}"
+    for name, value in single["weights"].items():
+        torch.testing.assert_close(torch.tensor(ddp["weights"][name]), torch.tensor(value), atol=1e-5, rtol=1e-4,
+                                   msg=name)
+    initial = _initial_student()
+    moved = sum(not torch.equal(torch.tensor(single["weights"][k]), v) for k, v in initial.items())
+    assert moved > len(initial) // 2, "training must move the weights, or the comparison proves nothing"
+
+
+def _initial_student() -> dict:
+    from tiny_models import tiny_bert
+
+    return {k: v for k, v in tiny_bert(seed=1).state_dict().items() if v.is_floating_point()}
+
+
+def _single(tmp_path: Path, cached: bool) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(tmp_path / "single", per_device_batch=8, accumulation=1, cached=cached)
+    finally:
+        torch.set_num_threads(threads)
+
+
+SCENARIOS = {  # name: (per-device batch on each of 2 ranks, accumulation steps, cached teacher outputs)
+    "online-accumulation": (2, 2, False),  # 2 ranks x 2 examples x 2 micro-batches = 8 = 1 x 8
+    "cached": (4, 1, True),  # offline, from cached teacher logits: 2 ranks x 4 = 1 x 8
+}
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    """Both scenarios in one 2-rank job (one start-up), launched with the repository's ddp_cpu.yaml."""
+    launcher = BIN / "accelerate"
+    if not launcher.exists():
+        pytest.skip("the accelerate launcher is not installed beside this Python")
+    out = tmp_path_factory.mktemp("ddp")
+    command = [str(launcher), "launch", "--config_file", str(CONFIGS / "ddp_cpu.yaml"), __file__, str(out)]
+    return _launch(command, out)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(ddp_results, tmp_path, scenario):
+    _compare(ddp_results[scenario], _single(tmp_path, cached=SCENARIOS[scenario][2]))
+
+
+if __name__ == "__main__":  # the 2-rank job: every scenario in turn, rank 0 writes ddp.json
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    out = Path(sys.argv[1])
+    results = {name: _run(out / name, per_device_batch=batch, accumulation=accumulation, cached=cached)
+               for name, (batch, accumulation, cached) in SCENARIOS.items()}
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / "ddp.json").write_text(json.dumps(results))
