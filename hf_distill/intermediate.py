@@ -266,7 +266,9 @@ def use_eager_attention(*models: nn.Module) -> list[str]:
             continue
         if hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation("eager")
-        else:
+        if getattr(config, "_attn_implementation", None) != "eager":
+            # Older model classes pick their attention module at init (and fall back to eager themselves when
+            # asked for weights); newer ones read the config at each forward. Setting the config covers both.
             config._attn_implementation = "eager"
         changed.append(f"{type(model).__name__} ({current} -> eager)")
     return changed
