@@ -1,0 +1,543 @@
+#!/usr/bin/env python
+"""Distil a causal language model into a smaller one on completion tokens, then measure it against the teacher.
+
+Default (offline): the real TinyStories teacher ``stories260K`` (../shared/data/models/stories260K, converted
+from llama2.c), a 2-layer student copied from its blocks, and sequence-level KD data: story openings
+completed by teacher samples (cached on disk). The student is evaluated on held-out teacher samples before
+and after training: per-token KL(teacher ‖ student), perplexity and top-1 agreement.
+
+    python scripts/distill_causal_lm.py --output_dir runs/stories --max_steps 300
+    python scripts/distill_causal_lm.py --teacher llama2c:../shared/data/models/stories260K \\
+        --student_hidden_size 32 --student_layers 2 --distillation_loss jsd --alpha 1 --output_dir runs/narrow
+    python scripts/distill_causal_lm.py --teacher_topk 32 --output_dir runs/topk   # cached top-k, no teacher at train time
+    python scripts/distill_causal_lm.py --student path/to/small --use_lora --merge_lora --output_dir runs/lora
+    python scripts/distill_causal_lm.py --teacher org/big-lm --dataset data.jsonl --max_length 512 --output_dir runs/x
+    accelerate launch scripts/distill_causal_lm.py --output_dir runs/ddp      # same flags, several processes
+
+Every ``DistillationArguments`` / ``TrainingArguments`` field is a flag too (``--alpha``, ``--temperature``,
+``--distillation_loss``, ``--jsd_beta``, ``--max_steps``, ``--lmbda`` for on-policy mixing, ...). This script
+changes a few defaults for small causal LMs: ``--distillation_task causal-lm --temperature 1 --learning_rate 1e-3
+--per_device_train_batch_size 8 --report_to none --save_strategy no --logging_steps 10``.
+
+Written to ``output_dir``: the student (or, with ``--use_lora``, its adapter) with the tokenizer and
+``distillation/recipe.json``; ``merged/`` with ``--merge_lora``; ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional, Sequence  # noqa: E402
+
+try:
+    import hf_distill  # noqa: F401
+except ImportError:  # run from a checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+logger = logging.getLogger("distill_causal_lm")
+
+DEFAULT_TEACHER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "models" / "stories260K"
+LLAMA2C_PREFIX = "llama2c:"
+
+#: Prompts of the default transfer set: openings in the style of TinyStories.
+STORY_OPENINGS = [
+    "Once upon a time, there was a", "One day, a little", "Tom and his dog", "Lily wanted to",
+    "Once upon a time, in a big forest,", "There was a little boy named", "Sue had a red ball.",
+    "The sun was shining and", "Mom said to Ben,", "One morning, a cat", "Anna and her friend",
+    "Once there was a small bird", "Max liked to play with", "It was a rainy day.", "The little girl found a",
+    "Tim went to the park", "Once upon a time, a bunny", "Sara had a big box.", "The dog was very happy because",
+    "One day, Mia saw a", "Jack and Jill went", "There was a big tree in the", "Lucy loved her doll.",
+    "A little fish lived in", "Once upon a time, there lived a king", "Ben was sad because", "The bear wanted to eat",
+    "Every day, Amy would", "In the garden, there was", "Sam had a new toy", "Once upon a time, a little car",
+    "The kids were playing", "Dad took Tom to the", "A girl named Zoe", "The cat and the mouse", "One night, the moon",
+    "Lily and her mom baked", "There once was a happy frog", "The old man had a", "Once upon a time, a tiny ant",
+]
+#: Openings of the held-out evaluation set (none of them is a transfer-set opening).
+HELDOUT_OPENINGS = [
+    "Once upon a time, there was a big", "Billy found a shiny", "The bird flew to", "Emma and Tom were",
+    "One sunny day, a duck", "Grandma gave Lily a", "There was a girl who liked", "The puppy ran to",
+    "Once upon a time, a boy named Joe", "Kate wanted a cookie.", "The toy truck was", "Once there was a little star",
+]
+
+#: Defaults of DistillationArguments that this script changes (flags still override them).
+SCRIPT_DEFAULTS = {
+    "distillation_task": "causal-lm", "temperature": 1.0, "learning_rate": 1e-3, "per_device_train_batch_size": 8,
+    "report_to": "none", "save_strategy": "no", "logging_steps": 10,
+}
+#: Fields the lead's on-policy work adds to DistillationArguments; the flags are refused clearly until then.
+ON_POLICY_FIELDS = ("lmbda", "generation_max_new_tokens", "generation_temperature", "generation_top_p",
+                    "generation_top_k")
+
+
+@dataclass
+class ScriptArguments:
+    """What to distil: the teacher, the student, the data, LoRA, the top-k cache and the evaluation."""
+
+    teacher: Optional[str] = field(
+        default=None,
+        metadata={"help": "Teacher: a local folder or Hub id of a causal LM, or 'llama2c:<dir>' (a llama2.c checkpoint "
+                  "*.bin and tok*.model, converted on the fly). Default: the stories260K model in "
+                  "../shared/data/models/stories260K. A LoRA adapter folder is accepted only with its base."},
+    )
+    teacher_base_model: Optional[str] = field(
+        default=None, metadata={"help": "Base model of a teacher given as a LoRA adapter folder (merged before use)."}
+    )
+    student: Optional[str] = field(
+        default=None,
+        metadata={"help": "Student: a local folder or Hub id sharing the teacher's tokenizer. Default: built from the "
+                  "teacher (--student_layers, or a narrower random init with --student_hidden_size)."},
+    )
+    student_layers: int = field(
+        default=2, metadata={"help": "Blocks of a student built from the teacher (copied from evenly spaced blocks)."}
+    )
+    student_hidden_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Build a narrower, randomly initialised student of this width (the teacher's config "
+                  "otherwise, --student_layers blocks)."},
+    )
+    student_intermediate_size: Optional[int] = field(
+        default=None, metadata={"help": "MLP width of the narrow student (default: the teacher's ratio)."}
+    )
+    student_num_heads: Optional[int] = field(
+        default=None, metadata={"help": "Attention heads of the narrow student (default: keep the head size)."}
+    )
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Training data with prompt/completion columns (or chat 'messages'): a .json/.jsonl file, a "
+                  "folder saved with save_to_disk, or a Hub dataset id. Default: story openings completed by the "
+                  "teacher (sequence-level KD)."},
+    )
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Config name of a Hub dataset."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset to train on."})
+    eval_dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Held-out data (same formats; split --eval_split). Default: --heldout_fraction of "
+                  "--dataset, or teacher samples from held-out openings."},
+    )
+    eval_split: str = field(default="validation", metadata={"help": "Split of --eval_dataset."})
+    heldout_fraction: float = field(default=0.1, metadata={"help": "Fraction of --dataset held out for evaluation."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column (text or chat messages)."})
+    completion_column: str = field(default="completion", metadata={"help": "Completion column."})
+    messages_column: str = field(default="messages", metadata={"help": "Chat column, used without prompt/completion."})
+    max_length: int = field(default=128, metadata={"help": "Prompt + completion tokens per example."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on at most this many rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on at most this many rows."})
+    teacher_completions: bool = field(
+        default=False,
+        metadata={"help": "Replace the completions of --dataset by teacher samples of its prompts (sequence-level KD). "
+                  "Always on for the default story openings."},
+    )
+    samples_per_prompt: int = field(default=4, metadata={"help": "Teacher samples per prompt for the transfer set."})
+    heldout_samples_per_prompt: int = field(default=2, metadata={"help": "Teacher samples per held-out opening."})
+    teacher_max_new_tokens: int = field(default=64, metadata={"help": "Length of teacher completions (tokens)."})
+    teacher_sample_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of teacher completions (0: greedy)."}
+    )
+    teacher_batch_size: int = field(default=32, metadata={"help": "Batch size of teacher generation and caching."})
+    completions_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where teacher completions are cached (default: <output_dir>/cache)."}
+    )
+    teacher_topk: int = field(
+        default=0,
+        metadata={"help": "Cache the teacher's top-k log-probabilities per token (at --temperature) and train from "
+                  "them without running the teacher. 0: run the teacher at every step."},
+    )
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the student instead of all weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules to adapt, e.g. q_proj v_proj; 'all-linear': every linear layer but the LM head."},
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "After training, merge the adapter into a plain model in <output_dir>/merged."}
+    )
+    skip_initial_eval: bool = field(default=False, metadata={"help": "Do not evaluate the student before training."})
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+def _distillation_field_names() -> set[str]:
+    from hf_distill import DistillationArguments
+
+    return {f.name for f in dataclasses.fields(DistillationArguments)}
+
+
+def parse_arguments(argv: Sequence[str]) -> tuple[ScriptArguments, Any]:
+    """ScriptArguments and DistillationArguments from the command line (with this script's defaults)."""
+    from transformers import HfArgumentParser
+
+    from hf_distill import DistillationArguments
+
+    argv = list(argv)
+    known = _distillation_field_names()
+    missing = [name for name in ON_POLICY_FIELDS if f"--{name}" in argv and name not in known]
+    if missing:
+        raise SystemExit(
+            f"error: {', '.join('--' + m for m in missing)}: on-policy distillation is not in this version of "
+            "hf_distill (DistillationArguments has no such field). Use sequence-level KD (the default data) for now."
+        )
+    parser = HfArgumentParser((ScriptArguments, DistillationArguments))
+    parser.set_defaults(**{k: v for k, v in SCRIPT_DEFAULTS.items() if k in known})
+    if "--output_dir" not in argv:
+        argv += ["--output_dir", "runs/distill_causal_lm"]
+    script, args = parser.parse_args_into_dataclasses(args=argv)
+    if args.distillation_task != "causal-lm":
+        raise ValueError(f"This script distils causal LMs; --distillation_task must be causal-lm, got {args.distillation_task!r}.")
+    if not 0.0 <= script.heldout_fraction < 1.0:
+        raise ValueError(f"--heldout_fraction must be in [0, 1), got {script.heldout_fraction}.")
+    if script.teacher_topk < 0:
+        raise ValueError(f"--teacher_topk must be >= 0, got {script.teacher_topk}.")
+    if script.teacher_topk and getattr(args, "lmbda", 0.0) > 0:
+        raise ValueError("--teacher_topk trains without the teacher, but on-policy steps (--lmbda > 0) need it to score "
+                         "the student's own samples. Use one or the other.")
+    if script.merge_lora and not script.use_lora:
+        raise ValueError("--merge_lora needs --use_lora.")
+    return script, args
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+def _with_pad_token(tokenizer: Any) -> Any:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token; set one before distilling.")
+        tokenizer.pad_token = tokenizer.eos_token  # stories260K: EOS id 2
+    return tokenizer
+
+
+def load_llama2c_teacher(folder: str | Path) -> tuple[Any, Any]:
+    """Convert a llama2.c folder (one checkpoint ``*.bin`` and one ``*.model`` tokenizer) on the fly."""
+    from hf_distill import convert_llama2c
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"llama2.c teacher folder {str(folder)!r} does not exist. The default teacher lives in "
+            f"{DEFAULT_TEACHER_DIR}; pass --teacher <folder, Hub id or llama2c:<dir>>."
+        )
+    checkpoints = sorted(p for p in folder.glob("*.bin") if not p.name.startswith("tok"))
+    tokenizers = sorted(folder.glob("*.model")) or sorted(folder.glob("tok*.bin"))
+    if len(checkpoints) != 1 or not tokenizers:
+        raise FileNotFoundError(
+            f"{folder} must hold one llama2.c checkpoint (*.bin) and its SentencePiece tokenizer (*.model); found "
+            f"checkpoints {[p.name for p in checkpoints]} and tokenizers {[p.name for p in tokenizers]}."
+        )
+    teacher, tokenizer = convert_llama2c(checkpoints[0], tokenizers[0])
+    teacher.config._name_or_path = f"{LLAMA2C_PREFIX}{folder}"
+    return teacher.eval(), _with_pad_token(tokenizer)
+
+
+def load_causal_teacher(spec: Optional[str], base_model: Optional[str] = None) -> tuple[Any, Any]:
+    """The teacher (eval mode) and its tokenizer from ``--teacher`` (see its help)."""
+    from transformers import AutoTokenizer
+
+    from hf_distill.peft_students import load_adapter_model, refuse_adapter_without_base
+    from hf_distill.trainer import load_teacher
+
+    if spec is None:
+        return load_llama2c_teacher(DEFAULT_TEACHER_DIR)
+    if spec.startswith(LLAMA2C_PREFIX):
+        return load_llama2c_teacher(spec[len(LLAMA2C_PREFIX):])
+    base = refuse_adapter_without_base(spec, role="teacher", base_model=base_model)
+    if base is not None:  # an adapter with a reachable base: the teacher is the merged full model
+        teacher = load_adapter_model(spec, base_model=base, role="teacher").merge_and_unload()
+        tokenizer_source = spec if any((Path(spec) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")) else base
+    else:
+        teacher = load_teacher(spec, "causal-lm")
+        tokenizer_source = spec
+    return teacher.eval(), _with_pad_token(AutoTokenizer.from_pretrained(tokenizer_source))
+
+
+def narrow_causal_student(teacher: Any, hidden_size: int, num_layers: int, intermediate_size: Optional[int] = None,
+                          num_heads: Optional[int] = None, seed: int = 0) -> Any:
+    """A randomly initialised model of the teacher's class and vocabulary, narrower (``hidden_size``) and shallower."""
+    config = copy.deepcopy(teacher.config)
+    t_hidden = config.hidden_size
+    t_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or t_hidden // t_heads
+    heads = num_heads or max(1, hidden_size // head_dim)
+    if hidden_size % heads:
+        raise ValueError(f"--student_hidden_size {hidden_size} is not divisible by {heads} attention heads; "
+                         "pass --student_num_heads.")
+    group = t_heads // (getattr(config, "num_key_value_heads", None) or t_heads)  # query heads per kv head
+    kv = heads // group if group > 1 and heads % group == 0 else heads
+    t_inter = getattr(config, "intermediate_size", None)
+    updates = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": heads}
+    if hasattr(config, "num_key_value_heads"):
+        updates["num_key_value_heads"] = kv
+    if hasattr(config, "head_dim"):
+        updates["head_dim"] = hidden_size // heads
+    if t_inter is not None:
+        updates["intermediate_size"] = intermediate_size or max(1, round(t_inter * hidden_size / t_hidden))
+    if isinstance(getattr(config, "layer_types", None), list):
+        updates["layer_types"] = config.layer_types[:num_layers]
+    for name, value in updates.items():
+        setattr(config, name, value)
+    torch.manual_seed(seed)
+    student = type(teacher)(config)
+    if getattr(teacher, "generation_config", None) is not None:
+        student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student
+
+
+def build_causal_student(script: ScriptArguments, teacher: Any, teacher_tokenizer: Any, seed: int = 0) -> Any:
+    """The student from ``--student`` (vocabulary checked), a narrow random init, or the teacher's blocks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_distill import create_student
+    from hf_distill.peft_students import load_adapter_model, refuse_adapter_without_base
+    from hf_distill.trainer import check_same_tokenizer
+
+    if script.student:
+        path = Path(script.student).expanduser()
+        if refuse_adapter_without_base(script.student, role="student") is not None:
+            student = load_adapter_model(script.student, role="student").merge_and_unload()
+        else:
+            student = AutoModelForCausalLM.from_pretrained(script.student)
+        has_tokenizer = path.is_dir() and any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
+        if has_tokenizer or not path.exists():
+            try:
+                student_tokenizer = AutoTokenizer.from_pretrained(script.student)
+            except (OSError, ValueError):
+                student_tokenizer = None
+            if student_tokenizer is not None:
+                check_same_tokenizer(teacher_tokenizer, student_tokenizer)
+        return student
+    if script.student_hidden_size:
+        student = narrow_causal_student(teacher, script.student_hidden_size, script.student_layers,
+                                        script.student_intermediate_size, script.student_num_heads, seed=seed)
+    else:
+        student = create_student(teacher, num_layers=script.student_layers)
+    # Built here, so not loadable from the teacher's path (a LoRA adapter would record that path as its base).
+    student.config._name_or_path = student.name_or_path = ""
+    return student
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def load_prompt_completion_data(name: str, split: str, config: Optional[str] = None) -> Any:
+    """A Dataset from a .json/.jsonl file, a save_to_disk folder, a folder of <split>.jsonl, or a Hub id."""
+    import datasets
+
+    path = Path(name).expanduser()
+    if path.is_file():
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}; pass the split to use.")
+                return loaded[split]
+            return loaded
+        for suffix in (".jsonl", ".json"):
+            if (path / f"{split}{suffix}").is_file():
+                return datasets.load_dataset("json", data_files=str(path / f"{split}{suffix}"), split="train")
+        raise FileNotFoundError(f"{path} holds neither a saved dataset nor {split}.jsonl.")
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"Dataset path {name!r} does not exist.")
+    return datasets.load_dataset(name, config, split=split)
+
+
+def _teacher_samples(teacher: Any, tokenizer: Any, prompts: Sequence[Any], script: ScriptArguments, cache_dir: Path,
+                     seed: int) -> Any:
+    from hf_distill.causal_lm import cache_teacher_completions
+
+    sample = script.teacher_sample_temperature > 0
+    return cache_teacher_completions(
+        teacher, tokenizer, list(prompts), cache_dir=cache_dir, max_new_tokens=script.teacher_max_new_tokens,
+        batch_size=script.teacher_batch_size, do_sample=sample,
+        temperature=script.teacher_sample_temperature if sample else 1.0, seed=seed, show_progress=True,
+    )
+
+
+def build_datasets(script: ScriptArguments, teacher: Any, tokenizer: Any, cache_dir: Path, seed: int) -> tuple[Any, Any]:
+    """(train, held-out) text datasets with prompt/completion (or messages) columns."""
+    if script.dataset is None:
+        train = _teacher_samples(teacher, tokenizer, STORY_OPENINGS * script.samples_per_prompt, script, cache_dir, seed)
+        heldout = _teacher_samples(teacher, tokenizer, HELDOUT_OPENINGS * script.heldout_samples_per_prompt, script,
+                                   cache_dir, seed + 1)
+        return train, heldout
+    train = load_prompt_completion_data(script.dataset, script.dataset_split, script.dataset_config)
+    if script.eval_dataset:
+        heldout = load_prompt_completion_data(script.eval_dataset, script.eval_split, script.dataset_config)
+    elif script.heldout_fraction > 0:
+        parts = train.train_test_split(test_size=script.heldout_fraction, seed=seed)
+        train, heldout = parts["train"], parts["test"]
+    else:
+        heldout = None
+    if script.max_train_samples:
+        train = train.select(range(min(script.max_train_samples, len(train))))
+    if script.teacher_completions:
+        if script.prompt_column not in train.column_names:
+            raise ValueError(f"--teacher_completions needs a '{script.prompt_column}' column; the data has "
+                             f"{train.column_names}.")
+        train = _teacher_samples(teacher, tokenizer, train[script.prompt_column], script, cache_dir, seed)
+    return train, heldout
+
+
+def tokenize(dataset: Any, tokenizer: Any, script: ScriptArguments, limit: Optional[int] = None) -> Any:
+    from hf_distill import tokenize_completions
+
+    if limit:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return tokenize_completions(dataset, tokenizer, max_length=script.max_length, prompt_column=script.prompt_column,
+                                completion_column=script.completion_column, messages_column=script.messages_column)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (independent of hf_distill.losses)
+# ----------------------------------------------------------------------------------------------
+def heldout_metrics(student: Any, teacher: Any, dataset: Any, tokenizer: Any, batch_size: int = 16) -> dict[str, float]:
+    """On the completion tokens of ``dataset``: KL(teacher ‖ student) per token at T = 1, student and teacher
+    perplexity of the completions, and top-1 agreement of the two models."""
+    from hf_distill.causal_lm import CompletionCollator
+
+    collate = CompletionCollator(tokenizer)
+    sums = {"kl": 0.0, "nll": 0.0, "teacher_nll": 0.0, "agree": 0.0, "tokens": 0.0}
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    teacher_device = next(teacher.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            log_q = torch.log_softmax(student(**{k: v.to(device) for k, v in inputs.items()}).logits[:, :-1].float(), -1)
+            logits_t = teacher(**{k: v.to(teacher_device) for k, v in inputs.items()}).logits[:, :-1].float()
+            log_p = torch.log_softmax(logits_t.to(log_q.device), -1)
+            targets = batch["labels"][:, 1:].to(log_q.device)
+            mask = targets != -100
+            safe = targets.clamp(min=0).unsqueeze(-1)
+            sums["kl"] += float((log_p.exp() * (log_p - log_q)).sum(-1)[mask].sum())
+            sums["nll"] += float(-log_q.gather(-1, safe).squeeze(-1)[mask].sum())
+            sums["teacher_nll"] += float(-log_p.gather(-1, safe).squeeze(-1)[mask].sum())
+            sums["agree"] += float((log_q.argmax(-1) == log_p.argmax(-1))[mask].sum())
+            sums["tokens"] += float(mask.sum())
+    student.train(was_training)
+    n = max(sums["tokens"], 1.0)
+    return {"kl": sums["kl"] / n, "ppl": math.exp(sums["nll"] / n), "teacher_ppl": math.exp(sums["teacher_nll"] / n),
+            "top1_agreement": sums["agree"] / n, "tokens": sums["tokens"]}
+
+
+def results_table(results: dict[str, Any]) -> str:
+    rows = ["| model | held-out KL(teacher ‖ model) | held-out perplexity | top-1 agreement | parameters |",
+            "|---|---:|---:|---:|---:|"]
+    final = results["final"]
+    rows.append(f"| teacher | 0 | {final['teacher_ppl']:.3f} | 1 | {results['teacher_parameters']:,} |")
+    if results.get("initial"):
+        i = results["initial"]
+        rows.append(f"| student before training | {i['kl']:.4f} | {i['ppl']:.3f} | {i['top1_agreement']:.3f} | "
+                    f"{results['student_parameters']:,} |")
+    rows.append(f"| student after training | {final['kl']:.4f} | {final['ppl']:.3f} | {final['top1_agreement']:.3f} | "
+                f"{results['student_parameters']:,} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Parse, build, distil, evaluate, save; returns the results written to ``results.json``."""
+    import datasets
+    from transformers import set_seed
+
+    from hf_distill import DistillationTrainer, cache_teacher_outputs
+    from hf_distill.causal_lm import CompletionCollator
+    from hf_distill.peft_students import lora_config, merge_lora_student
+
+    script, args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.disable_tqdm:
+        datasets.disable_progress_bars()
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    cache_dir = Path(script.completions_cache_dir) if script.completions_cache_dir else output_dir / "cache"
+
+    teacher, tokenizer = load_causal_teacher(script.teacher, script.teacher_base_model)
+    teacher.to(args.device)
+    logger.info("Teacher %s: %d parameters, vocabulary %d", getattr(teacher.config, "_name_or_path", None),
+                sum(p.numel() for p in teacher.parameters()), teacher.config.vocab_size)
+    with args.main_process_first(desc="teacher completions and tokenization"):
+        train_text, heldout_text = build_datasets(script, teacher, tokenizer, cache_dir, args.seed)
+        train = tokenize(train_text, tokenizer, script)
+        heldout = tokenize(heldout_text, tokenizer, script, script.max_eval_samples) if heldout_text is not None else None
+        if script.teacher_topk:
+            train = cache_teacher_outputs(teacher, train, top_k=script.teacher_topk, temperature=args.temperature,
+                                          batch_size=script.teacher_batch_size)
+    logger.info("Data: %d training rows, %d held-out rows%s", len(train), 0 if heldout is None else len(heldout),
+                f", top-{script.teacher_topk} teacher cache" if script.teacher_topk else "")
+    set_seed(args.seed)
+    student = build_causal_student(script, teacher, tokenizer, seed=args.seed).to(args.device)
+    main_process = args.process_index == 0
+    initial = None
+    if heldout is not None and main_process and not script.skip_initial_eval:
+        initial = heldout_metrics(student, teacher, heldout, tokenizer, args.per_device_eval_batch_size)
+        logger.info("Before training: held-out KL %.4f, perplexity %.3f", initial["kl"], initial["ppl"])
+
+    trainer_kwargs: dict[str, Any] = {}
+    if script.use_lora:
+        config = lora_config(r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
+                             target_modules=script.lora_target_modules)
+        trainer_kwargs["peft_config"] = config  # the trainer wraps the student: only the adapters train
+    trainer = DistillationTrainer(
+        model=student, teacher_model=None if script.teacher_topk else teacher, args=args, train_dataset=train,
+        data_collator=CompletionCollator(tokenizer), processing_class=tokenizer, **trainer_kwargs,
+    )
+    start = time.perf_counter()
+    train_output = trainer.train()
+    train_seconds = time.perf_counter() - start
+    trainer.save_model(str(output_dir))
+    student = trainer.model
+
+    results: dict[str, Any] = {
+        "teacher": getattr(teacher.config, "_name_or_path", None) or script.teacher,
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "student_parameters": sum(p.numel() for p in student.parameters()),
+        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "train_examples": len(train), "heldout_examples": len(heldout) if heldout is not None else 0,
+        "steps": trainer.state.global_step, "train_loss": train_output.training_loss, "train_seconds": train_seconds,
+        "teacher_at_train_time": trainer.teacher is not None, "teacher_topk": script.teacher_topk or None,
+        "lora": script.use_lora, "initial": initial, "final": None,
+        "arguments": {"script": dataclasses.asdict(script), "distillation": args.distillation_dict()},
+    }
+    if heldout is not None and main_process:
+        results["final"] = heldout_metrics(student, teacher, heldout, tokenizer, args.per_device_eval_batch_size)
+    if script.merge_lora and main_process:
+        merged_dir = output_dir / "merged"
+        merged = merge_lora_student(student, merged_dir, tokenizer=tokenizer)
+        if (output_dir / "distillation").is_dir():
+            shutil.copytree(output_dir / "distillation", merged_dir / "distillation", dirs_exist_ok=True)
+        results["merged_dir"] = str(merged_dir)
+        results["merged_parameters"] = sum(p.numel() for p in merged.parameters())
+    if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        if results["final"] is not None:
+            table = results_table(results)
+            (output_dir / "results.md").write_text(table + "\n")
+            print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
