@@ -108,3 +108,6 @@ if __name__ == "__main__":  # the 2-rank job: every scenario in turn, rank 0 wri
                for name, (batch, accumulation, cached) in SCENARIOS.items()}
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "ddp.json").write_text(json.dumps(results))
+    if torch.distributed.is_initialized():  # gloo can abort at interpreter exit with a live process group
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
