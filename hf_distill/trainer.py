@@ -85,6 +85,11 @@ def load_teacher(name_or_path: str, task: str, trust_remote_code: bool = False) 
     """Load a teacher for ``task`` from a local folder or a Hub id, with a clear error when neither works."""
     path = Path(name_or_path).expanduser()
     if path.exists():
+        from .peft_students import merge_lora_student, refuse_adapter_without_base
+
+        if refuse_adapter_without_base(path, role="teacher") is not None:  # a LoRA adapter whose base is here
+            logger.info("Teacher %s is a LoRA adapter: merged into its base for distillation.", path)
+            return merge_lora_student(str(path))
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"Teacher folder {path} has no config.json; save the teacher with save_pretrained().")
         return AUTO_CLASS_BY_TASK[task].from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -678,7 +683,7 @@ class DistillationTrainer(Trainer):
     def recipe(self) -> dict[str, Any]:
         """What the run did, as plain data: written to ``distillation/recipe.json`` beside the student."""
         args = self.args
-        arguments = {k: v for k, v in args.to_dict().items() if "token" not in k}
+        arguments = {k: v for k, v in args.to_dict().items() if not k.endswith("_token")}
         student = unwrap_model(self.model)
         teacher = unwrap_model(self.teacher) if self.teacher is not None else None
         losses: dict[str, Any] = {

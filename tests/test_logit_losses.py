@@ -133,3 +133,24 @@ def test_zero_weight_rows_change_nothing():
     clean, _ = chunked_weighted_sums(rows, (1.0,), logits, weights, teacher, chunk_size=3)
     noisy, _ = chunked_weighted_sums(rows, (1.0,), garbage, weights, teacher, chunk_size=3)
     torch.testing.assert_close(clean, noisy)
+
+
+def test_chunks_are_capped_by_elements_at_large_vocabularies():
+    from hf_distill.losses.logits import MAX_CHUNK_ELEMENTS, chunked_weighted_sums, soft_label_loss
+
+    torch.manual_seed(0)
+    vocab = 1 << 16  # 2^21 / 2^16 = 32 rows per chunk, so 40 rows take two chunks even at chunk_size=1024
+    student = torch.randn(40, vocab, requires_grad=True)
+    teacher = torch.randn(40, vocab)
+    weights = torch.ones(40)
+
+    def rows(x, t):
+        return soft_label_loss(x, t, temperature=2.0)[None]
+
+    assert MAX_CHUNK_ELEMENTS // vocab < 40
+    chunked, _ = chunked_weighted_sums(rows, (1.0,), student, weights, teacher, chunk_size=1024)
+    (g_chunked,) = torch.autograd.grad(chunked, student)
+    plain, _ = chunked_weighted_sums(rows, (1.0,), student, weights, teacher, chunk_size=0)
+    (g_plain,) = torch.autograd.grad(plain, student)
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(g_chunked, g_plain)

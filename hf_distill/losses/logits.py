@@ -192,6 +192,9 @@ def topk_soft_label_loss(
 # ----------------------------------------------------------------------------------------------
 # Memory-bounded weighted sums over many rows (token-level losses with large vocabularies)
 # ----------------------------------------------------------------------------------------------
+MAX_CHUNK_ELEMENTS = 1 << 21
+
+
 class _ChunkedWeightedSums(torch.autograd.Function):
     """S_k = Σ_n w_n f_k(x_n, targets_n) chunk by chunk; the gradient of Σ_k c_k S_k is formed in forward.
 
@@ -223,7 +226,9 @@ class _ChunkedWeightedSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_sums):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        grad_x = grad * grad_total.to(grad.dtype) if grad.numel() else None
+        # Scaled in place: a second [N, V] buffer would double the peak. The buffer is used once; a second
+        # backward (retain_graph=True) is refused by autograd's version counter rather than silently wrong.
+        grad_x = grad.mul_(grad_total.to(grad.dtype)) if grad.numel() else None
         return (None, None, None, grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
@@ -241,8 +246,11 @@ def chunked_weighted_sums(
     S_k = Σ_n weights_n · f_k(x_n), this returns ``(Σ_k coefficients_k · S_k, S.detach())``: the first
     differentiable w.r.t. ``x`` (``targets`` get no gradient), the second for logging. Values and
     gradients equal the unchunked computation; memory does not grow with N beyond one gradient buffer.
-    ``chunk_size <= 0`` computes everything at once.
+    ``chunk_size <= 0`` computes everything at once. Chunks are also capped at ``MAX_CHUNK_ELEMENTS``
+    (2²¹ values, 8 MiB in fp32 per intermediate), so that a large vocabulary gets short chunks.
     """
+    if chunk_size > 0:
+        chunk_size = max(1, min(chunk_size, MAX_CHUNK_ELEMENTS // max(x.shape[-1], 1)))
     if chunk_size <= 0 or x.shape[0] <= chunk_size:
         sums = (row_losses(x, *targets) * weights).sum(-1)
         coeffs = torch.tensor(list(coefficients), dtype=sums.dtype, device=sums.device)
