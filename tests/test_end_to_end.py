@@ -20,7 +20,7 @@ def test_distilled_student_beats_the_same_student_on_hard_labels(tmp_path):
     out = tmp_path / "demo"
     results = script.main([
         "--recipe", str(REPO_ROOT / "recipes" / "demo_synthetic.yaml"), "--output_dir", str(out),
-        "--export_onnx", "false", "--num_train_epochs", "2",
+        "--export_onnx", "false", "--num_train_epochs", "2", "--measure_speed", "false", "--teacher_train_size", "1200",
     ])
     teacher, distilled, baseline = results["rows"]
     assert teacher["validation accuracy"] >= 0.95, "the teacher must have learned the task"
