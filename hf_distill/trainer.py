@@ -48,6 +48,7 @@ from .collator import TeacherColumnsCollator
 from .intermediate import IntermediateSettings, IntermediateTerms, use_eager_attention
 from .losses.logits import (
     chunked_weighted_sums,
+    fused_forward_kl_and_ce,
     hard_label_loss,
     soft_label_loss,
     teacher_mixture_logits,
@@ -512,12 +513,21 @@ class DistillationTrainer(Trainer):
         for i, (rows, weight) in enumerate(rows_per_target):
             hard_weight = 1.0 - alpha if i == 0 else 0.0  # CE reads the labels once, whatever the teachers
             for r in rows:
-                row_fn = self._row_losses(has_labels, topk=len(r.teacher) == 2, temperature=temperature)
-                targets = r.teacher + ((r.labels,) if has_labels else ())
-                w_sum, term = chunked_weighted_sums(
-                    row_fn, (alpha * weight, hard_weight), r.student, r.weights, *targets,
-                    chunk_size=self.args.loss_chunk_size,
-                )
+                if self.args.distillation_loss == "forward_kl" and len(r.teacher) == 1:
+                    # The common case, fused: one pass per chunk, gradient written directly (same values).
+                    w_sum, term = fused_forward_kl_and_ce(
+                        r.student, r.teacher[0], r.labels if has_labels else None, r.weights,
+                        (alpha * weight, hard_weight), temperature=temperature,
+                        scale_by_temperature_squared=self.args.scale_by_temperature_squared,
+                        chunk_size=self.args.loss_chunk_size,
+                    )
+                else:
+                    row_fn = self._row_losses(has_labels, topk=len(r.teacher) == 2, temperature=temperature)
+                    targets = r.teacher + ((r.labels,) if has_labels else ())
+                    w_sum, term = chunked_weighted_sums(
+                        row_fn, (alpha * weight, hard_weight), r.student, r.weights, *targets,
+                        chunk_size=self.args.loss_chunk_size,
+                    )
                 term = term.to(sums.device) * torch.tensor([weight, 1.0 if i == 0 else 0.0])
                 weighted, sums = weighted.to(w_sum.device) + w_sum, sums + term.to(sums.device)
         terms = {"kd": sums[0]}

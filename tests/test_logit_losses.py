@@ -154,3 +154,35 @@ def test_chunks_are_capped_by_elements_at_large_vocabularies():
     (g_plain,) = torch.autograd.grad(plain, student)
     torch.testing.assert_close(chunked, plain)
     torch.testing.assert_close(g_chunked, g_plain)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("chunk_size", [0, 3])
+def test_fused_forward_kl_and_ce_equals_the_generic_path(temperature, scale, with_labels, chunk_size):
+    from hf_distill.losses.logits import chunked_weighted_sums, fused_forward_kl_and_ce, hard_label_loss, soft_label_loss
+
+    torch.manual_seed(1)
+    student = (3 * torch.randn(10, 7)).requires_grad_()
+    teacher = 3 * torch.randn(10, 7)
+    labels = torch.randint(0, 7, (10,))
+    labels[[2, 5]] = -100
+    weights = torch.tensor([1.0, 0.5, 0, 1, 1, 2, 0, 1, 1, 1])
+    coefficients = (0.3, 0.7) if with_labels else (1.0, 0.0)
+
+    def rows(x, t, *y):
+        soft = soft_label_loss(x, t, temperature=temperature, scale_by_temperature_squared=scale)
+        hard = hard_label_loss(x, y[0]) if y else torch.zeros_like(soft)
+        return torch.stack([soft, hard])
+
+    targets = (teacher, labels) if with_labels else (teacher,)
+    expected, expected_sums = chunked_weighted_sums(rows, coefficients, student, weights, *targets, chunk_size=0)
+    (expected_grad,) = torch.autograd.grad(expected * 1.7, student)
+    got, got_sums = fused_forward_kl_and_ce(student, teacher, labels if with_labels else None, weights, coefficients,
+                                            temperature=temperature, scale_by_temperature_squared=scale,
+                                            chunk_size=chunk_size)
+    (got_grad,) = torch.autograd.grad(got * 1.7, student)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_sums[: 2 if with_labels else 1], expected_sums[: 2 if with_labels else 1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6)

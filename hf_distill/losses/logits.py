@@ -268,3 +268,78 @@ def teacher_mixture_logits(teacher_logits: Sequence[torch.Tensor], weights: Sequ
     log_w = torch.log(torch.as_tensor(weights, dtype=stacked.dtype, device=stacked.device))
     log_w = log_w.reshape(-1, *([1] * (stacked.dim() - 1)))
     return temperature * torch.logsumexp(log_w + torch.log_softmax(stacked, dim=-1), dim=0)
+
+
+class _FusedForwardKLAndCE(torch.autograd.Function):
+    """Forward KL + cross-entropy over weighted rows, chunked, with the gradient written in forward."""
+
+    @staticmethod
+    def forward(ctx, x, teacher, labels, weights, coefficients, temperature, scale, chunk_size):  # type: ignore[override]
+        c_kd, c_ce = coefficients
+        kd_factor = temperature if scale else 1.0 / temperature  # d(T^s · KL(p_T ‖ q_T)) / dz = factor · (q_T − p_T)
+        sums = torch.zeros(2, dtype=torch.float32, device=x.device)
+        grad = torch.zeros_like(x) if x.requires_grad else None
+        for start in range(0, x.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            w = weights[rows].float()
+            if not bool((w != 0).any()):
+                continue
+            s, t = x[rows].float(), teacher[rows].float()
+            log_q = F.log_softmax(s / temperature if temperature != 1 else s, dim=-1)
+            log_p = F.log_softmax(t / temperature if temperature != 1 else t, dim=-1)
+            p = log_p.exp()
+            kd = (p * (log_p - log_q)).masked_fill(p == 0, 0.0).sum(-1) * (temperature**2 if scale else 1.0)
+            sums[0] += (kd * w).sum()
+            if labels is None:
+                step = log_q.exp_().sub_(p).mul_(c_kd * kd_factor)  # in log_q's storage: no new [n, V] tensor
+            else:
+                y = labels[rows]
+                valid = (y != -100).to(s.dtype)
+                safe = y.clamp(min=0)[:, None]
+                log_q1 = log_q if temperature == 1 else F.log_softmax(s, dim=-1)
+                sums[1] += (-log_q1.gather(-1, safe).squeeze(-1) * valid * w).sum()
+                ce_weight = (c_ce * valid)[:, None]
+                if temperature == 1:  # q_T = q: grad = q (c_kd + c_ce·valid) − c_kd p − c_ce·valid·onehot(y)
+                    step = log_q.exp_().mul_(c_kd + ce_weight).sub_(p.mul_(c_kd))
+                else:
+                    step = log_q.exp_().sub_(p).mul_(c_kd * kd_factor).add_(log_q1.exp_().mul_(ce_weight))
+                step.scatter_add_(-1, safe, -ce_weight.expand(-1, 1).contiguous())
+            if grad is not None:
+                grad[rows] = step.mul_(w[:, None])
+        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        ctx.mark_non_differentiable(sums)
+        return c_kd * sums[0] + c_ce * sums[1], sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        grad_x = grad.mul_(grad_total.to(grad.dtype)) if grad.numel() else None
+        return grad_x, None, None, None, None, None, None, None
+
+
+def fused_forward_kl_and_ce(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None,
+    weights: Tensor,
+    coefficients: Sequence[float],
+    *,
+    temperature: float = 1.0,
+    scale_by_temperature_squared: bool = True,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """``c_kd · Σ_n w_n T²·KL(p_T ‖ q_T)_n + c_ce · Σ_n w_n CE_n`` and the two sums, in one pass per chunk.
+
+    The same values as :func:`chunked_weighted_sums` over :func:`soft_label_loss` (forward KL) and
+    :func:`hard_label_loss`, with the gradient written directly,
+    ``∂/∂z_n = w_n (c_kd · T · (q_T − p_T) + c_ce · 1[y_n ≠ −100] (q − onehot(y_n)))`` (``1/T`` instead of ``T``
+    without the T² scaling), so autograd keeps nothing of the vocabulary-wide intermediates. ``labels=None``
+    drops the CE term. Chunks are capped at ``MAX_CHUNK_ELEMENTS`` logits; ``chunk_size <= 0`` means one chunk.
+    """
+    rows = student_logits.shape[0]
+    limit = max(1, MAX_CHUNK_ELEMENTS // max(student_logits.shape[-1], 1))
+    chunk_size = min(chunk_size if chunk_size > 0 else rows, limit) or 1
+    return _FusedForwardKLAndCE.apply(
+        student_logits, teacher_logits, labels, weights, tuple(float(c) for c in coefficients),
+        float(temperature), bool(scale_by_temperature_squared), int(chunk_size),
+    )
