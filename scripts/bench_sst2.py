@@ -571,13 +571,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
               f"{len(bench.data['test'])} test rows, max_length {args.max_length}, {bench.steps} steps of batch "
               f"{args.batch_size} per student, seeds {args.seeds}, {torch.get_num_threads()} CPU threads; "
               f"accuracy in %, mean ± std over seeds; latency ratios vs the teacher.")
-    markdown = "\n".join([header, "", table, "", *goal_lines, "", f"Runtime: {runtime / 60:.1f} min."])
+    train_seconds = {"teachers": sum(m.get("train_seconds", 0.0) for m in metas.values()),
+                     "students": sum(r["train_seconds"] for rs in runs.values() for r in rs)}
+    markdown = "\n".join([header, "", table, "", *goal_lines, "",
+                          f"Runtime: {runtime / 60:.1f} min for this invocation; training time of every run in the table "
+                          f"(cached ones included, as measured when they ran): teachers {train_seconds['teachers'] / 60:.1f} "
+                          f"min, students {train_seconds['students'] / 60:.1f} min."])
     report = {
         "config": {k: v for k, v in vars(args).items()}, "steps_per_student": bench.steps,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "teachers": {str(s): metas[s] for s in need}, "teacher_ensemble": ens, "tfidf_logreg": tfidf,
         "parameters": size, "latency_ms": lat, "students": report_rows,
-        "runs": {k: v for k, v in runs.items()}, "goals": goals, "runtime_seconds": runtime, "markdown": markdown,
+        "runs": {k: v for k, v in runs.items()}, "goals": goals, "runtime_seconds": runtime, "train_seconds": train_seconds, "markdown": markdown,
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
