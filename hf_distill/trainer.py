@@ -528,8 +528,8 @@ class DistillationTrainer(Trainer):
                         row_fn, (alpha * weight, hard_weight), r.student, r.weights, *targets,
                         chunk_size=self.args.loss_chunk_size,
                     )
-                term = term.to(sums.device) * torch.tensor([weight, 1.0 if i == 0 else 0.0])
-                weighted, sums = weighted.to(w_sum.device) + w_sum, sums + term.to(sums.device)
+                scale = term.new_tensor([weight, 1.0 if i == 0 else 0.0])  # on the loss's device: no host sync
+                weighted, sums = weighted.to(w_sum.device) + w_sum, sums.to(term.device) + term * scale
         terms = {"kd": sums[0]}
         if has_labels:
             terms["ce"] = sums[1]

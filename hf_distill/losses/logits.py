@@ -195,6 +195,11 @@ def topk_soft_label_loss(
 MAX_CHUNK_ELEMENTS = 1 << 21
 
 
+def capped_chunk_rows(chunk_size: int, x: Tensor) -> int:
+    """Rows per chunk: at most ``chunk_size`` and at most ``MAX_CHUNK_ELEMENTS`` values of ``x``'s rows."""
+    return max(1, min(chunk_size, MAX_CHUNK_ELEMENTS // max(x.shape[-1], 1)))
+
+
 class _ChunkedWeightedSums(torch.autograd.Function):
     """S_k = Σ_n w_n f_k(x_n, targets_n) chunk by chunk; the gradient of Σ_k c_k S_k is formed in forward.
 
@@ -250,7 +255,7 @@ def chunked_weighted_sums(
     (2²¹ values, 8 MiB in fp32 per intermediate), so that a large vocabulary gets short chunks.
     """
     if chunk_size > 0:
-        chunk_size = max(1, min(chunk_size, MAX_CHUNK_ELEMENTS // max(x.shape[-1], 1)))
+        chunk_size = capped_chunk_rows(chunk_size, x)
     if chunk_size <= 0 or x.shape[0] <= chunk_size:
         sums = (row_losses(x, *targets) * weights).sum(-1)
         coeffs = torch.tensor(list(coefficients), dtype=sums.dtype, device=sums.device)
@@ -336,9 +341,7 @@ def fused_forward_kl_and_ce(
     without the T² scaling), so autograd keeps nothing of the vocabulary-wide intermediates. ``labels=None``
     drops the CE term. Chunks are capped at ``MAX_CHUNK_ELEMENTS`` logits; ``chunk_size <= 0`` means one chunk.
     """
-    rows = student_logits.shape[0]
-    limit = max(1, MAX_CHUNK_ELEMENTS // max(student_logits.shape[-1], 1))
-    chunk_size = min(chunk_size if chunk_size > 0 else rows, limit) or 1
+    chunk_size = capped_chunk_rows(chunk_size if chunk_size > 0 else student_logits.shape[0], student_logits)
     return _FusedForwardKLAndCE.apply(
         student_logits, teacher_logits, labels, weights, tuple(float(c) for c in coefficients),
         float(temperature), bool(scale_by_temperature_squared), int(chunk_size),
