@@ -513,10 +513,11 @@ class DistillationTrainer(Trainer):
         for i, (rows, weight) in enumerate(rows_per_target):
             hard_weight = 1.0 - alpha if i == 0 else 0.0  # CE reads the labels once, whatever the teachers
             for r in rows:
-                if self.args.distillation_loss == "forward_kl" and len(r.teacher) == 1:
-                    # The common case, fused: one pass per chunk, gradient written directly (same values).
+                if self.args.distillation_loss == "forward_kl":
+                    # The common case (full logits or a top-k cache), fused: one pass per chunk, gradient written
+                    # directly, one student softmax for both terms at T = 1 (same values as the generic path).
                     w_sum, term = fused_forward_kl_and_ce(
-                        r.student, r.teacher[0], r.labels if has_labels else None, r.weights,
+                        r.student, r.teacher, r.labels if has_labels else None, r.weights,
                         (alpha * weight, hard_weight), temperature=temperature,
                         scale_by_temperature_squared=self.args.scale_by_temperature_squared,
                         chunk_size=self.args.loss_chunk_size,

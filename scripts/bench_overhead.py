@@ -21,7 +21,7 @@ reported figure is the median over all timed steps of all rounds.
     python scripts/bench_overhead.py --output runs/bench_overhead.json
     python scripts/bench_overhead.py --quick            # seconds, for the smoke test
     python scripts/bench_overhead.py --profile          # also: where the time of (c) goes, per op
-    python scripts/bench_overhead.py --loss_profile     # also: the logits loss alone, and a fused what-if
+    python scripts/bench_overhead.py --loss_profile     # also: the logits loss alone, generic and fused
 """
 
 from __future__ import annotations
@@ -244,45 +244,12 @@ def profile_online(pair: dict, steps: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ loss profile
-class FusedForwardKLAndCE(torch.autograd.Function):
-    """What-if reference (not used by the trainer): alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE, summed over
-    rows with weights, with the gradient formed in forward: w * (alpha * T * (q_T - p_T) + (1 - alpha) * (q - y)).
-    One log-softmax per side and a few in-place passes, instead of autograd through every elementwise op."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, labels, weights, alpha, temperature):  # type: ignore[override]
-        log_q = torch.log_softmax(student / temperature if temperature != 1 else student, dim=-1)
-        log_p = torch.log_softmax(teacher / temperature if temperature != 1 else teacher, dim=-1)
-        kd = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1) * temperature**2
-        log_q1 = log_q if temperature == 1 else torch.log_softmax(student, dim=-1)
-        valid = labels != -100
-        safe = labels.clamp(min=0)
-        ce = -log_q1.gather(-1, safe[:, None]).squeeze(-1) * valid
-        p = log_p.exp_()
-        if temperature == 1:  # q_T = q: grad = w * (alpha * (q - p) + (1 - alpha) * valid * (q - y))
-            grad = log_q.exp_().mul_(alpha + (1 - alpha) * valid[:, None].to(log_q.dtype)).sub_(p.mul_(alpha))
-            grad.scatter_add_(-1, safe[:, None], -(1 - alpha) * valid[:, None].to(grad.dtype))
-            grad.mul_(weights[:, None])
-        else:
-            grad = log_q.exp_().sub_(p).mul_((alpha * temperature) * weights[:, None])
-            hard = log_q1.exp_()
-            hard.scatter_add_(-1, safe[:, None], -valid[:, None].to(hard.dtype))
-            grad.add_(hard.mul_(((1 - alpha) * weights * valid)[:, None]))
-        ctx.save_for_backward(grad)
-        sums = torch.stack([(kd * weights).sum(), (ce * weights).sum()])
-        return alpha * sums[0] + (1 - alpha) * sums[1], sums
-
-    @staticmethod
-    def backward(ctx, grad_total, _grad_sums):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total, None, None, None, None, None
-
-
 def loss_profile(pair: dict, repeats: int = 5) -> dict[str, Any]:
     """Forward + backward time of the logits loss alone on a batch of this pair: the hard-label CE of (a),
-    the trainer's soft + hard terms (the same library calls as DistillationTrainer.logit_terms), and the fused
-    what-if above (checked to give the same loss and gradient)."""
-    from hf_distill.losses.logits import chunked_weighted_sums, hard_label_loss, soft_label_loss
+    the generic chunked soft + hard terms (any divergence), and the fused forward-KL + CE the trainer uses,
+    against full teacher logits and against a top-k teacher (checked to equal the generic path)."""
+    from hf_distill.losses.logits import (chunked_weighted_sums, fused_forward_kl_and_ce, hard_label_loss,
+                                          soft_label_loss, topk_soft_label_loss)
 
     if pair["kind"] == "bert":
         rows, width = pair["batch"], pair["num_labels"]
@@ -291,42 +258,43 @@ def loss_profile(pair: dict, repeats: int = 5) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     student = torch.randn(rows, width, generator=g)
     teacher = torch.randn(rows, width, generator=g)
+    topk = torch.log_softmax(teacher, -1).topk(min(pair.get("top_k") or 32, width), dim=-1)
     labels = torch.randint(0, width, (rows,), generator=g)
     weights = torch.ones(rows)
-    alpha, temperature = 0.5, 1.0
+    alpha = 0.5
 
-    def row_losses(x, t, y):
-        return torch.stack([soft_label_loss(x, t, temperature=temperature), hard_label_loss(x, y)])
+    def generic(x, targets, soft):
+        def row_losses(x, *rest):
+            return torch.stack([soft(x, *rest[:-1]), hard_label_loss(x, rest[-1])])
+        return chunked_weighted_sums(row_losses, (alpha, 1 - alpha), x, weights, *targets, labels, chunk_size=1024)[0]
 
-    def floor(x):
-        return torch.nn.functional.cross_entropy(x, labels, reduction="sum")
-
-    def trainer(x):
-        return chunked_weighted_sums(row_losses, (alpha, 1 - alpha), x, weights, teacher, labels, chunk_size=1024)[0]
-
-    def fused(x):
-        return FusedForwardKLAndCE.apply(x, teacher, labels, weights, alpha, temperature)[0]
+    variants = {
+        "a_hard_label_ce": lambda x: torch.nn.functional.cross_entropy(x, labels, reduction="sum"),
+        "generic_kd_plus_ce": lambda x: generic(x, (teacher,), soft_label_loss),
+        "fused_kd_plus_ce": lambda x: fused_forward_kl_and_ce(x, teacher, labels, weights, (alpha, 1 - alpha))[0],
+        "generic_topk_kd_plus_ce": lambda x: generic(x, (topk.values, topk.indices), topk_soft_label_loss),
+        "fused_topk_kd_plus_ce": lambda x: fused_forward_kl_and_ce(x, (topk.values, topk.indices), labels, weights,
+                                                                   (alpha, 1 - alpha))[0],
+    }
 
     def timed(fn):
-        samples, grads = [], None
+        samples, result = [], None
         for _ in range(repeats + 1):
             x = student.clone().requires_grad_()
             start = time.perf_counter()
             loss = fn(x)
             loss.backward()
             samples.append(time.perf_counter() - start)
-            grads = (loss.detach(), x.grad)
-        return statistics.median(samples[1:]) * 1e3, grads
+            result = (loss.detach(), x.grad)
+        return statistics.median(samples[1:]) * 1e3, result
 
-    results, reference = {}, None
-    for name, fn in (("a_hard_label_ce", floor), ("trainer_kd_plus_ce", trainer), ("fused_kd_plus_ce", fused)):
-        ms, (loss, grad) = timed(fn)
+    results, outputs = {}, {}
+    for name, fn in variants.items():
+        ms, outputs[name] = timed(fn)
         results[name] = round(ms, 2)
-        if name == "trainer_kd_plus_ce":
-            reference = (loss, grad)
-        elif name == "fused_kd_plus_ce":
-            torch.testing.assert_close(loss, reference[0], rtol=1e-4, atol=1e-3)
-            torch.testing.assert_close(grad, reference[1], rtol=1e-3, atol=1e-6)
+    for fused, reference in (("fused_kd_plus_ce", "generic_kd_plus_ce"), ("fused_topk_kd_plus_ce", "generic_topk_kd_plus_ce")):
+        torch.testing.assert_close(outputs[fused][0], outputs[reference][0], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(outputs[fused][1], outputs[reference][1], rtol=1e-3, atol=1e-6)
     return {"rows": rows, "width": width, "forward_backward_ms": results}
 
 
@@ -356,7 +324,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="Tiny models and 3 steps: a smoke test, not a measurement.")
     parser.add_argument("--profile", action="store_true", help="Also profile (c) against (a) + (b), op by op.")
     parser.add_argument("--loss_profile", action="store_true",
-                        help="Also time the logits loss alone: (a)'s CE, the trainer's KD + CE, a fused what-if.")
+                        help="Also time the logits loss alone: (a)'s CE, generic and fused KD + CE (full and top-k).")
     parser.add_argument("--output", default="runs/bench_overhead.json")
     return parser.parse_args(argv)
 

@@ -186,3 +186,54 @@ def test_fused_forward_kl_and_ce_equals_the_generic_path(temperature, scale, wit
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_sums[: 2 if with_labels else 1], expected_sums[: 2 if with_labels else 1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("chunk_size", [0, 3])
+@pytest.mark.parametrize("top_k", [3, 7])  # 7 = the whole vocabulary: the tail bins are empty and clamped
+def test_fused_forward_kl_and_ce_with_a_topk_teacher_equals_the_generic_path(temperature, with_labels, chunk_size, top_k):
+    from hf_distill.losses.logits import chunked_weighted_sums, fused_forward_kl_and_ce, hard_label_loss, topk_soft_label_loss
+
+    torch.manual_seed(2)
+    student = (3 * torch.randn(10, 7)).requires_grad_()
+    log_probs, indices = torch.log_softmax(3 * torch.randn(10, 7) / temperature, -1).topk(top_k, dim=-1)
+    log_probs[4] = -1e4  # a padded row, as the collator writes it (weight 0 below)
+    labels = torch.randint(0, 7, (10,))
+    labels[[2, 5]] = -100
+    weights = torch.tensor([1.0, 0.5, 0, 1, 0, 2, 0, 1, 1, 1])
+    coefficients = (0.3, 0.7) if with_labels else (1.0, 0.0)
+
+    def rows(x, lp, ix, *y):
+        soft = topk_soft_label_loss(x, lp, ix, temperature=temperature)
+        hard = hard_label_loss(x, y[0]) if y else torch.zeros_like(soft)
+        return torch.stack([soft, hard])
+
+    targets = (log_probs, indices) + ((labels,) if with_labels else ())
+    expected, expected_sums = chunked_weighted_sums(rows, coefficients, student, weights, *targets, chunk_size=0)
+    (expected_grad,) = torch.autograd.grad(expected * 1.7, student)
+    got, got_sums = fused_forward_kl_and_ce(student, (log_probs, indices), labels if with_labels else None, weights,
+                                            coefficients, temperature=temperature, chunk_size=chunk_size)
+    (got_grad,) = torch.autograd.grad(got * 1.7, student)
+    n = 2 if with_labels else 1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_sums[:n], expected_sums[:n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_forward_kl_is_zero_for_identical_logits_and_handles_masked_teacher_logits():
+    from hf_distill.losses.logits import fused_forward_kl_and_ce, soft_label_loss
+
+    torch.manual_seed(3)
+    logits = 5 * torch.randn(6, 11)
+    weights = torch.ones(6)
+    zero, _ = fused_forward_kl_and_ce(logits.clone().requires_grad_(), logits, None, weights, (1.0, 0.0), temperature=2.0)
+    assert abs(zero.item()) < 1e-5
+    teacher = 5 * torch.randn(6, 11)
+    teacher[:, :3] = float("-inf")  # tokens a teacher masks out: p = 0 there, KL stays finite
+    student = (5 * torch.randn(6, 11)).requires_grad_()
+    got, _ = fused_forward_kl_and_ce(student, teacher, None, weights, (1.0, 0.0))
+    expected = soft_label_loss(student, teacher).sum()
+    torch.testing.assert_close(got, expected)
+    (grad,) = torch.autograd.grad(got, student)
+    torch.testing.assert_close(grad, torch.softmax(student, -1) - torch.softmax(teacher, -1))

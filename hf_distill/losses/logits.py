@@ -275,6 +275,79 @@ def teacher_mixture_logits(teacher_logits: Sequence[torch.Tensor], weights: Sequ
     return temperature * torch.logsumexp(log_w + torch.log_softmax(stacked, dim=-1), dim=0)
 
 
+class _ChunkBuffers:
+    """Scratch [rows, width] fp32 buffers reused by every chunk of one call, handed out as [n, width] views.
+
+    Fresh vocabulary-wide tensors per chunk cost more than the arithmetic on CPU (each large allocation is
+    new pages to fault in); on GPU the caching allocator makes this moot, and reuse is harmless.
+    """
+
+    def __init__(self, rows: int, width: int, device: torch.device) -> None:
+        self.rows, self.width, self.device = rows, width, device
+        self._buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, n: int) -> Tensor:
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self.rows, self.width, dtype=torch.float32, device=self.device)
+        return self._buffers[name][:n]
+
+    def as_float(self, name: str, x: Tensor, divide_by: float = 1.0) -> Tensor:
+        """``x.float() / divide_by`` in the named buffer (``x`` itself when that is a no-op)."""
+        if x.dtype == torch.float32 and divide_by == 1.0:
+            return x
+        return torch.div(x, divide_by, out=self(name, x.shape[0]))
+
+
+def _softmax_into(logits: Tensor, out: Tensor) -> Tensor:
+    """softmax over the last dimension, written into ``out`` (fp32 in, fp32 out)."""
+    return torch.ops.aten._softmax.out(logits, -1, False, out=out)
+
+
+def _log_normaliser(scaled_logits: Tensor, probs: Tensor) -> Tensor:
+    """lse(z) = max z − log max softmax(z), per row [n, 1]: two cheap reductions instead of another exp pass."""
+    return scaled_logits.amax(-1, keepdim=True) - probs.amax(-1, keepdim=True).log()
+
+
+def _full_teacher_kd(student_scaled: Tensor, lse_q: Tensor, teacher_scaled: Tensor, buffers: _ChunkBuffers):
+    """KL(p ‖ q) per row against full teacher logits z_t/T, and the KD gradient's target.
+
+    KL = Σ p (z_t − z_s)/T − lse(z_t/T) + lse(z_s/T): one softmax and one dot product per row. Rows where that
+    is not finite (−inf logits) fall back to Σ p (log p − log q) with 0 · log 0 = 0.
+    Returns (kl [n], a = 1, add_target) where ∂KL/∂(z_s/T) = a · q − p and add_target(g, c) does g −= c · p.
+    """
+    n = teacher_scaled.shape[0]
+    p = _softmax_into(teacher_scaled, buffers("p", n))
+    lse_p = _log_normaliser(teacher_scaled, p)
+    difference = torch.sub(teacher_scaled, student_scaled, out=buffers("scratch", n)).mul_(p)
+    kl = difference.sum(-1) - (lse_p - lse_q).squeeze(-1)
+    if not bool(torch.isfinite(kl).all()):
+        kl = kl_divergence(F.log_softmax(teacher_scaled, dim=-1), F.log_softmax(student_scaled, dim=-1))
+    return kl, 1.0, lambda g, c: g.addcmul_(p, -c)
+
+
+def _topk_teacher_kd(student_scaled: Tensor, lse_q: Tensor, teacher_topk_log_probs: Tensor,
+                     teacher_topk_indices: Tensor):
+    """KL over the k + 1 bins of :func:`topk_soft_label_loss` (k teacher tokens and the tail), and its gradient.
+
+    With q_K, p_K the top-k bins, q̄ = 1 − Σ q_K and p̄ = 1 − Σ p_K the tails, ∂KL/∂(z_s/T) is q_j − p_j on the
+    k tokens and q_j (1 − p̄ / q̄) elsewhere; where q̄ hits its clamp the tail bin passes no gradient (as in the
+    generic path), leaving (1 − p̄) q − p_K. Returns (kl [n], a [n, 1], add_target) with
+    ∂KL/∂(z_s/T) = a · q + scatter_K(r) and add_target(g, c) doing g += c · scatter_K(r).
+    """
+    indices = teacher_topk_indices.long()
+    log_q_topk = student_scaled.gather(-1, indices) - lse_q
+    log_p_topk = teacher_topk_log_probs.float()
+    q_mass = log_q_topk.exp().sum(-1, keepdim=True)
+    log_q_tail, log_p_tail = _log_tail(log_q_topk), _log_tail(log_p_topk)
+    kl = kl_divergence(torch.cat([log_p_topk, log_p_tail], -1), torch.cat([log_q_topk, log_q_tail], -1))
+    p_tail = log_p_tail.exp()
+    tail_open = (q_mass < 1.0 - 1e-6).to(p_tail.dtype)  # 0 where the clamp of _log_tail is active
+    ratio = p_tail / log_q_tail.exp()
+    a = 1.0 - p_tail + tail_open * (p_tail - ratio)
+    r = tail_open * ratio * log_q_topk.exp() - log_p_topk.exp()
+    return kl, a, lambda g, c: g.scatter_add_(-1, indices, r * c)
+
+
 class _FusedForwardKLAndCE(torch.autograd.Function):
     """Forward KL + cross-entropy over weighted rows, chunked, with the gradient written in forward."""
 
@@ -283,34 +356,52 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
         c_kd, c_ce = coefficients
         kd_factor = temperature if scale else 1.0 / temperature  # d(T^s · KL(p_T ‖ q_T)) / dz = factor · (q_T − p_T)
         sums = torch.zeros(2, dtype=torch.float32, device=x.device)
-        grad = torch.zeros_like(x) if x.requires_grad else None
+        grad = torch.empty_like(x) if x.requires_grad else None
+        buffers = _ChunkBuffers(min(chunk_size, x.shape[0]), x.shape[-1], x.device)
         for start in range(0, x.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            w = weights[rows].float()
+            w = weights[rows].float()[:, None]
             if not bool((w != 0).any()):
+                if grad is not None:
+                    grad[rows].zero_()
                 continue
-            s, t = x[rows].float(), teacher[rows].float()
-            log_q = F.log_softmax(s / temperature if temperature != 1 else s, dim=-1)
-            log_p = F.log_softmax(t / temperature if temperature != 1 else t, dim=-1)
-            p = log_p.exp()
-            kd = (p * (log_p - log_q)).masked_fill(p == 0, 0.0).sum(-1) * (temperature**2 if scale else 1.0)
-            sums[0] += (kd * w).sum()
-            if labels is None:
-                step = log_q.exp_().sub_(p).mul_(c_kd * kd_factor)  # in log_q's storage: no new [n, V] tensor
+            n = w.shape[0]
+            s = buffers.as_float("s", x[rows])
+            s_t = buffers.as_float("s_t", s, temperature)
+            # q_T goes where the gradient will be (it becomes the gradient in place below).
+            direct = grad is not None and grad.dtype == torch.float32
+            q = _softmax_into(s_t, grad[rows] if direct else buffers("q", n))
+            lse_q = _log_normaliser(s_t, q)
+            if len(teacher) == 1:
+                t_t = buffers.as_float("t_t", teacher[0][rows], temperature)
+                kd, a, add_target = _full_teacher_kd(s_t, lse_q, t_t, buffers)
             else:
+                kd, a, add_target = _topk_teacher_kd(s_t, lse_q, *(part[rows] for part in teacher))
+            sums[0] += (kd * w.squeeze(-1)).sum() * (temperature**2 if scale else 1.0)
+            kd_coef = (c_kd * kd_factor) * w  # [n, 1]
+            ce_coef = q1 = None
+            if labels is not None:
                 y = labels[rows]
-                valid = (y != -100).to(s.dtype)
+                valid = (y != -100)[:, None].to(w.dtype)
                 safe = y.clamp(min=0)[:, None]
-                log_q1 = log_q if temperature == 1 else F.log_softmax(s, dim=-1)
-                sums[1] += (-log_q1.gather(-1, safe).squeeze(-1) * valid * w).sum()
-                ce_weight = (c_ce * valid)[:, None]
-                if temperature == 1:  # q_T = q: grad = q (c_kd + c_ce·valid) − c_kd p − c_ce·valid·onehot(y)
-                    step = log_q.exp_().mul_(c_kd + ce_weight).sub_(p.mul_(c_kd))
-                else:
-                    step = log_q.exp_().sub_(p).mul_(c_kd * kd_factor).add_(log_q1.exp_().mul_(ce_weight))
-                step.scatter_add_(-1, safe, -ce_weight.expand(-1, 1).contiguous())
-            if grad is not None:
-                grad[rows] = step.mul_(w[:, None])
+                q1 = q if temperature == 1 else _softmax_into(s, buffers("q1", n))
+                lse_q1 = lse_q if temperature == 1 else _log_normaliser(s, q1)
+                sums[1] += ((lse_q1 - s.gather(-1, safe)) * valid * w).sum()  # CE = lse(z) − z_y
+                ce_coef = c_ce * w * valid
+            if grad is None:
+                continue
+            # grad_n = kd_coef_n (a_n q_T + target_n) + ce_coef_n (q − onehot(y_n)), built in q_T's storage.
+            if ce_coef is not None and temperature == 1:
+                step = q.mul_(a * kd_coef + ce_coef)
+            else:
+                step = q.mul_(a * kd_coef)
+                if ce_coef is not None:
+                    step.addcmul_(q1, ce_coef)
+            add_target(step, kd_coef)
+            if ce_coef is not None:
+                step.scatter_add_(-1, safe, -ce_coef)
+            if not direct:
+                grad[rows] = step
         ctx.save_for_backward(grad if grad is not None else torch.empty(0))
         ctx.mark_non_differentiable(sums)
         return c_kd * sums[0] + c_ce * sums[1], sums
@@ -324,7 +415,7 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
 
 def fused_forward_kl_and_ce(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher: Tensor | Sequence[Tensor],
     labels: Tensor | None,
     weights: Tensor,
     coefficients: Sequence[float],
@@ -335,14 +426,20 @@ def fused_forward_kl_and_ce(
 ) -> tuple[Tensor, Tensor]:
     """``c_kd · Σ_n w_n T²·KL(p_T ‖ q_T)_n + c_ce · Σ_n w_n CE_n`` and the two sums, in one pass per chunk.
 
-    The same values as :func:`chunked_weighted_sums` over :func:`soft_label_loss` (forward KL) and
-    :func:`hard_label_loss`, with the gradient written directly,
-    ``∂/∂z_n = w_n (c_kd · T · (q_T − p_T) + c_ce · 1[y_n ≠ −100] (q − onehot(y_n)))`` (``1/T`` instead of ``T``
-    without the T² scaling), so autograd keeps nothing of the vocabulary-wide intermediates. ``labels=None``
-    drops the CE term. Chunks are capped at ``MAX_CHUNK_ELEMENTS`` logits; ``chunk_size <= 0`` means one chunk.
+    ``teacher`` is full teacher logits shaped like ``student_logits``, or the pair (top-k log-probabilities
+    at T, their token ids) of a top-k cache; the values equal :func:`chunked_weighted_sums` over
+    :func:`soft_label_loss` (or :func:`topk_soft_label_loss`) and :func:`hard_label_loss`. The gradient is
+    written directly, ``∂/∂z_n = w_n (c_kd · T · ∂KL/∂(z_n/T) + c_ce · 1[y_n ≠ −100] (q − onehot(y_n)))``
+    (``1/T`` instead of ``T`` without the T² scaling), where ∂KL/∂(z/T) is q_T − p_T for full logits, so
+    autograd keeps nothing of the vocabulary-wide intermediates. With T = 1 one softmax of the student
+    serves both terms. ``labels=None`` drops the CE term. Chunks are capped at ``MAX_CHUNK_ELEMENTS``
+    logits; ``chunk_size <= 0`` means one chunk.
     """
+    parts = (teacher,) if isinstance(teacher, Tensor) else tuple(teacher)
+    if len(parts) not in (1, 2):
+        raise ValueError("teacher must be full logits or a (top-k log-probs, top-k indices) pair.")
     chunk_size = capped_chunk_rows(chunk_size if chunk_size > 0 else student_logits.shape[0], student_logits)
     return _FusedForwardKLAndCE.apply(
-        student_logits, teacher_logits, labels, weights, tuple(float(c) for c in coefficients),
+        student_logits, parts, labels, weights, tuple(float(c) for c in coefficients),
         float(temperature), bool(scale_by_temperature_squared), int(chunk_size),
     )
