@@ -9,6 +9,10 @@ Columns written (per example, unpadded):
 * causal LM, top-k: ``teacher_topk_log_probs`` and ``teacher_topk_indices`` = [seq_len, k], log-probabilities at
   ``temperature``, plus ``teacher_topk_temperature`` (a scalar) so the trainer can check it matches.
 
+Values are stored as float32 (token ids as int32); per-token columns are ``Array2D`` of shape [seq_len, width],
+so that :func:`with_fast_teacher_columns` (the trainer calls it) can read a batch as numpy arrays without
+building Python lists.
+
 The map goes through ``datasets.Dataset.map`` with a fingerprint derived from the dataset, the teacher's
 weights and the settings, so a second call with the same inputs is served from the `datasets` cache when
 the dataset lives on disk (or when ``cache_file_name`` is given).
@@ -19,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +32,7 @@ from .tasks import detect_task, task_logits
 
 TOPK_SUFFIXES = ("log_probs", "indices", "temperature")
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+CACHE_FORMAT = 2  # part of the fingerprint: 2 = float32 / int32 Array2D columns (1 was nested float64 lists)
 
 
 def model_fingerprint(model: nn.Module, max_elements_per_tensor: int = 65536) -> str:
@@ -79,20 +84,52 @@ def _teacher_batch_outputs(
         inputs["attention_mask"] = (positions[None, :] < torch.tensor(lengths)[:, None]).long().to(device)
     logits = task_logits(teacher(**inputs), task).float().cpu()
     if task == "sequence-classification":
-        return {logits_column: logits.tolist()}
+        return {logits_column: list(logits.numpy())}
     per_example = [logits[i, :n] for i, n in enumerate(lengths)]
     if top_k is None:
-        return {logits_column: [x.tolist() for x in per_example]}
+        return {logits_column: [x.numpy() for x in per_example]}
     log_probs, indices = [], []
     for x in per_example:
         values, idx = torch.log_softmax(x / temperature, dim=-1).topk(top_k, dim=-1)
-        log_probs.append(values.tolist())
-        indices.append(idx.int().tolist())
+        log_probs.append(values.numpy())
+        indices.append(idx.int().numpy())
     return {
         f"{prefix}_log_probs": log_probs,
         f"{prefix}_indices": indices,
         f"{prefix}_temperature": [float(temperature)] * len(lengths),
     }
+
+
+def _output_features(
+    dataset: "datasets.Dataset", task: str, width: int, top_k: Optional[int], prefix: str, logits_column: str  # noqa: F821
+) -> "datasets.Features":  # noqa: F821
+    """The dataset's features plus the teacher columns: float32 values, int32 token ids, [seq_len, width] arrays."""
+    from datasets import Array2D, Sequence, Value
+
+    features = dataset.features.copy()
+    if task == "sequence-classification":
+        features[logits_column] = Sequence(Value("float32"))
+    elif top_k is None:
+        features[logits_column] = Array2D(shape=(None, width), dtype="float32")
+    else:
+        features[f"{prefix}_log_probs"] = Array2D(shape=(None, top_k), dtype="float32")
+        features[f"{prefix}_indices"] = Array2D(shape=(None, top_k), dtype="int32")
+        features[f"{prefix}_temperature"] = Value("float32")
+    return features
+
+
+def with_fast_teacher_columns(dataset: Any, columns: Sequence[str]) -> Any:
+    """``dataset`` reading the cached teacher ``columns`` as numpy arrays (other columns unchanged).
+
+    A `datasets.Dataset` in its default (Python) format builds nested lists for every cached value, which
+    costs tens of milliseconds per batch of top-k columns; numpy arrays come straight from Arrow. Anything
+    else (other formats, iterable or torch datasets) is returned as is.
+    """
+    present = [c for c in columns if c in (getattr(dataset, "column_names", None) or [])]
+    fmt = getattr(dataset, "format", None)
+    if not present or not hasattr(dataset, "with_format") or not isinstance(fmt, dict) or fmt.get("type") is not None:
+        return dataset
+    return dataset.with_format("numpy", columns=present, output_all_columns=True)
 
 
 def cache_teacher_outputs(
@@ -136,26 +173,23 @@ def cache_teacher_outputs(
     was_training = teacher.training
     teacher.eval()
     settings = json.dumps(
-        [task, top_k, temperature, pad_token_id, input_prefix, logits_column, topk_column_prefix], sort_keys=True
+        [CACHE_FORMAT, task, top_k, temperature, pad_token_id, input_prefix, logits_column, topk_column_prefix],
+        sort_keys=True,
     )
     fingerprint = hashlib.sha256(
         f"{dataset._fingerprint}-{model_fingerprint(teacher)}-{settings}".encode()
     ).hexdigest()[:16]
+    settings_kwargs = dict(task=task, input_prefix=input_prefix, pad_token_id=pad_token_id, temperature=temperature,
+                           prefix=topk_column_prefix, logits_column=logits_column)
     try:
+        probe = _teacher_batch_outputs(dataset[:1], teacher=teacher, top_k=None, **settings_kwargs)
+        width = probe[logits_column][0].shape[-1]
         return dataset.map(
             _teacher_batch_outputs,
             batched=True,
             batch_size=batch_size,
-            fn_kwargs=dict(
-                teacher=teacher,
-                task=task,
-                input_prefix=input_prefix,
-                pad_token_id=pad_token_id,
-                top_k=top_k,
-                temperature=temperature,
-                prefix=topk_column_prefix,
-                logits_column=logits_column,
-            ),
+            fn_kwargs=dict(teacher=teacher, top_k=top_k, **settings_kwargs),
+            features=_output_features(dataset, task, width, top_k, topk_column_prefix, logits_column),
             new_fingerprint=fingerprint,
             cache_file_name=cache_file_name,
             load_from_cache_file=load_from_cache_file,

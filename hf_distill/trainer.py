@@ -64,7 +64,7 @@ from .preflight import (
     compatibility_summary,
     estimate_peak_memory,
 )
-from .teacher_cache import model_fingerprint
+from .teacher_cache import model_fingerprint, with_fast_teacher_columns
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ class DistillationTrainer(Trainer):
                 "datasets with hf_distill.cache_teacher_outputs() and train from those."
             )
         self._check_cached_outputs()
+        self._read_cached_columns_as_arrays()
         if self.intermediate is not None:
             self.intermediate.to(self.args.device)
         if args.self_distillation == "ema":
@@ -378,6 +379,15 @@ class DistillationTrainer(Trainer):
                 f"Cached top-k token ids go beyond the student's vocabulary of {width}. Re-cache with a teacher "
                 "that shares the student's tokenizer and vocabulary."
             )
+
+    def _read_cached_columns_as_arrays(self) -> None:
+        """Cached teacher columns come out of the datasets as numpy arrays, not Python lists (see teacher_cache)."""
+        columns = self._cached_columns()
+        self.train_dataset = with_fast_teacher_columns(self.train_dataset, columns)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: with_fast_teacher_columns(v, columns) for k, v in self.eval_dataset.items()}
+        else:
+            self.eval_dataset = with_fast_teacher_columns(self.eval_dataset, columns)
 
     def _has_cached_teacher(self) -> bool:
         columns = self._dataset_columns()
