@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from transformers import TrainingArguments
 
+from .distributed import TEACHER_SHARDING_MODES
 from .losses.logits import LOSS_NAMES
 
 TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -60,6 +61,15 @@ class DistillationArguments(TrainingArguments):
     freeze_teacher: bool = field(
         default=True,
         metadata={"help": "Freeze the teacher's parameters. When off, a teacher that requires gradients is an error."},
+    )
+    teacher_sharding: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the teacher lives on several processes: auto (sharded like the student under FSDP and "
+            "DeepSpeed ZeRO-3, a full copy per process otherwise), none (a full copy per process), fsdp (FSDP2 "
+            "shards per transformer block, also beside a DDP student), deepspeed (a ZeRO-3 inference engine).",
+            "choices": list(TEACHER_SHARDING_MODES),
+        },
     )
     teacher_trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom code when loading the teacher from a path or Hub name."}
@@ -242,6 +252,8 @@ class DistillationArguments(TrainingArguments):
             )
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"`teacher_dtype` must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
+        if self.teacher_sharding not in TEACHER_SHARDING_MODES:
+            raise ValueError(f"`teacher_sharding` must be one of {TEACHER_SHARDING_MODES}, got {self.teacher_sharding!r}.")
         if self.distillation_task is not None and self.distillation_task not in TASKS:
             raise ValueError(f"`distillation_task` must be one of {TASKS}, got {self.distillation_task!r}.")
         if self.loss_chunk_size < 0:

@@ -45,6 +45,7 @@ from . import __version__
 from .arguments import DistillationArguments
 from .callbacks import NonFiniteLossCounter, SignalCheckpointCallback
 from .collator import TeacherColumnsCollator
+from .distributed import place_teacher
 from .intermediate import IntermediateSettings, IntermediateTerms, use_eager_attention
 from .losses.logits import (
     chunked_weighted_sums,
@@ -411,7 +412,7 @@ class DistillationTrainer(Trainer):
         teacher.eval()
         if self.args.teacher_dtype != "auto":
             teacher.to(TEACHER_DTYPES[self.args.teacher_dtype])
-        return self._compile_teacher(self.accelerator.prepare_model(teacher, evaluation_mode=True))
+        return self._compile_teacher(place_teacher(teacher, self.accelerator, self.args))
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep teacher columns (cached outputs, ``teacher_``-prefixed inputs) through remove_unused_columns."""

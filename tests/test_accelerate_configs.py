@@ -38,8 +38,8 @@ def test_sharded_configs_shard_everything():
     assert fsdp["fsdp_version"] == 2
     assert fsdp["fsdp_reshard_after_forward"] is True  # FULL_SHARD
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    for name in ("fsdp.yaml", "deepspeed_zero3.yaml"):  # the teacher's treatment is stated, as it is today
-        assert "full teacher replica" in (CONFIGS / name).read_text()
+    for name in ("fsdp.yaml", "deepspeed_zero3.yaml"):  # the teacher's treatment is stated where users look
+        assert "--teacher_sharding auto" in (CONFIGS / name).read_text()
     zero = yaml.safe_load((CONFIGS / "deepspeed_zero3.yaml").read_text())["deepspeed_config"]
     assert zero["zero_stage"] == 3 and zero["zero3_init_flag"] is True
     assert "gradient_accumulation_steps" not in zero  # "auto": taken from TrainingArguments
