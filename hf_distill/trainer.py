@@ -581,11 +581,12 @@ class DistillationTrainer(Trainer):
             inputs = self.on_policy_inputs(model, inputs)
             num_items_in_batch = None  # the generated batch has its own token count (see _normaliser)
         student_inputs, teacher_inputs, cached = self._split_inputs(inputs)
+        # The teacher first: its activations are freed before the student's (kept for backward) are made.
+        use_cache = bool(cached) and self.intermediate is None
+        teacher_outputs = [] if use_cache else self.teacher_forward(teacher_inputs)
         student_outputs = model(**student_inputs, **self._output_flags())
         student_logits = task_logits(student_outputs, self.task)
         temperature, alpha = self.current_temperature(), self.current_alpha()
-        use_cache = bool(cached) and self.intermediate is None
-        teacher_outputs = [] if use_cache else self.teacher_forward(teacher_inputs)
         targets = self.teacher_targets(teacher_outputs, cached, temperature, student_logits.shape[-1])
         rows = [(logit_rows(self.task, student_logits, t, inputs), w) for t, w in targets]
 
