@@ -9,7 +9,11 @@ Peak memory of one training step (:func:`estimate_peak_memory`), in bytes::
   + gradients                                                      # one per trainable parameter
   + activations                                                    # saved by the student's forward for backward
   + teacher forward                                                # one teacher layer's working set (no_grad)
+  + intermediate outputs                                           # teacher hidden states / attentions kept for
+                                                                   # the intermediate terms, projected student states
   + logits and loss buffers                                        # student/teacher logits, loss gradient buffer
+
+A teacher sharded across processes (FSDP2 DTensors) counts its local shard only.
 
 Activations are measured, not guessed, when the student can run: a forward at batch 1 on three short
 sequence lengths under :func:`torch.autograd.graph.saved_tensors_hooks` records the bytes autograd keeps
@@ -65,12 +69,13 @@ class MemoryEstimate:
     activations: int
     teacher_forward: int
     logits_and_loss: int
+    intermediate_outputs: int = 0
     resident: int = 0
     gradient_accumulation_steps: int = 1
     notes: list[str] = field(default_factory=list)
 
     PARTS = ("student_weights", "student_gradients", "optimizer_states", "teacher_weights",
-             "activations", "teacher_forward", "logits_and_loss")
+             "activations", "teacher_forward", "intermediate_outputs", "logits_and_loss")
 
     @property
     def total(self) -> int:
@@ -82,7 +87,7 @@ class MemoryEstimate:
         accumulation the gradients stay resident through the next micro-batch's forward, so both add up.
         """
         resident = self.student_weights + self.optimizer_states + self.teacher_weights
-        forward = self.activations + self.teacher_forward + self.logits_and_loss
+        forward = self.activations + self.teacher_forward + self.intermediate_outputs + self.logits_and_loss
         if self.gradient_accumulation_steps > 1:
             return int(resident + forward + self.student_gradients)
         return int(resident + max(forward, self.student_gradients))
@@ -148,9 +153,27 @@ def _dims(model: nn.Module) -> Optional[_Dims]:
 
 
 def _bytes_of(tensors: Iterable[torch.Tensor], float_bytes: Optional[int] = None) -> int:
-    """Bytes of ``tensors``; ``float_bytes`` overrides the element size of floating-point ones (a cast)."""
-    return int(sum(t.numel() * (float_bytes if float_bytes and t.is_floating_point() else t.element_size())
+    """Bytes of ``tensors`` on this process (a sharded DTensor counts its local shard); ``float_bytes``
+    overrides the element size of floating-point ones (a cast)."""
+    return int(sum(_local(t).numel() * (float_bytes if float_bytes and t.is_floating_point() else t.element_size())
                    for t in tensors))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _intermediate_output_bytes(teacher: nn.Module, batch_size: int, seq_length: int, hidden_states: bool,
+                               attentions: bool, projected_layers: int, element: int) -> int:
+    """Teacher hidden states (L + 1 of [b, s, h]) and attention maps (L of [b, heads, s, s]) returned for the
+    intermediate terms, plus the student's projected hidden states ([b, s, h_teacher] fp32 each)."""
+    dims = _dims(teacher)
+    if dims is None:
+        return 0
+    tokens = batch_size * seq_length
+    total = (dims.layers + 1) * tokens * dims.hidden * element if hidden_states else 0
+    total += dims.layers * tokens * dims.heads * seq_length * element if attentions else 0
+    return int(total + projected_layers * tokens * dims.hidden * 4)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -274,6 +297,10 @@ def estimate_peak_memory(
     loss_chunk_size: int = 1024,
     activation_method: str = "auto",
     device: Union[str, torch.device, None] = None,
+    teacher_hidden_states: bool = False,
+    teacher_attentions: bool = False,
+    projected_layers: int = 0,
+    extra_parameters: Iterable[torch.Tensor] = (),
 ) -> MemoryEstimate:
     """Estimate the peak memory of one distillation training step (see the module doc for the parts).
 
@@ -291,6 +318,9 @@ def estimate_peak_memory(
         loss_chunk_size: the trainer's ``loss_chunk_size`` (0: the token-level loss is not chunked).
         activation_method: ``auto`` (probe, else analytic), ``probe`` or ``analytic``.
         device: where training runs, for ``resident`` (default: the student's device).
+        teacher_hidden_states, teacher_attentions: the teacher also returns these (intermediate terms).
+        projected_layers: student hidden states mapped through a learned projection to the teacher's width.
+        extra_parameters: trained beside the student (the projections): weights, gradients, optimizer states.
     """
     if batch_size < 1 or seq_length < 1:
         raise ValueError(f"batch_size and seq_length must be >= 1, got {batch_size} and {seq_length}.")
@@ -301,7 +331,8 @@ def estimate_peak_memory(
     notes: list[str] = []
     task = task or detect_task(student)
 
-    student_params = list(student.parameters())
+    extra = list(extra_parameters)
+    student_params = list(student.parameters()) + extra
     trainable = [p for p in student_params if p.requires_grad]
     student_weights = _bytes_of(student_params) + _bytes_of(student.buffers())
     gradients = _bytes_of(trainable)
@@ -331,6 +362,11 @@ def estimate_peak_memory(
         notes.append("activations: unknown architecture (no config); not counted")
 
     teacher_forward = _teacher_forward_bytes(teacher, batch_size, seq_length) if teacher is not None else 0
+    intermediate_outputs = 0
+    if teacher is not None and (teacher_hidden_states or teacher_attentions or projected_layers):
+        element = teacher_dtype_bytes or next((p.element_size() for p in teacher.parameters()), 4)
+        intermediate_outputs = _intermediate_output_bytes(teacher, batch_size, seq_length, teacher_hidden_states,
+                                                          teacher_attentions, projected_layers, element)
 
     # Logits and loss: rows × width for student logits, teacher targets and the loss gradient buffer.
     width = vocab_or_labels
@@ -365,6 +401,7 @@ def estimate_peak_memory(
         teacher_weights=teacher_weights,
         activations=activations,
         teacher_forward=teacher_forward,
+        intermediate_outputs=intermediate_outputs,
         logits_and_loss=int(logits_and_loss),
         resident=resident,
         gradient_accumulation_steps=gradient_accumulation_steps,

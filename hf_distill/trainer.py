@@ -961,6 +961,19 @@ class DistillationTrainer(Trainer):
             task=self.task, vocab_or_labels=self._student_output_width(),
             teacher_dtype_bytes={"float32": 4, "bfloat16": 2, "float16": 2}.get(self.args.teacher_dtype),
             cached_topk=topk, loss_chunk_size=self.args.loss_chunk_size, device=self.args.device,
+            **self._intermediate_memory_settings(),
+        )
+
+    def _intermediate_memory_settings(self) -> dict[str, Any]:
+        """What the intermediate terms add to the step's memory, in estimate_peak_memory's terms."""
+        terms = self.intermediate
+        if terms is None:
+            return {}
+        projections = terms.projections
+        return dict(
+            teacher_hidden_states=terms.needs_hidden_states, teacher_attentions=terms.needs_attentions,
+            projected_layers=0 if projections is None else len(terms.hidden_map),
+            extra_parameters=() if projections is None else list(projections.parameters()),
         )
 
     # -- non-finite loss guard

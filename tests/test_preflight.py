@@ -41,6 +41,10 @@ MEMORY_CASES = [
     dict(kind="bert", hidden=64, layers=4, heads=4, vocab=30522, batch=16, seq=128),
     # GPT-2 LM, vocabulary 16384, batch 2 × 128: the [N, V] logits and loss buffers dominate.
     dict(kind="gpt2", hidden=64, layers=2, heads=4, vocab=16384, batch=2, seq=128),
+    # BERT with hidden-state and attention terms: a 2x wider, 8-head teacher returns its hidden states and
+    # eager attention maps ([16, 8, 256, 256] per layer), the student's states go through projections.
+    dict(kind="bert", hidden=64, layers=4, heads=8, vocab=8192, batch=16, seq=256, teacher_hidden=128,
+         intermediate=True),
 ]
 
 
@@ -72,21 +76,27 @@ def _child_measure(case: dict) -> dict:
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM to the current RSS
 
-    def model(seed):
+    def model(seed, hidden=None):
         torch.manual_seed(seed)
-        h, n, a = case["hidden"], case["layers"], case["heads"]
+        h, n, a = hidden or case["hidden"], case["layers"], case["heads"]
         if case["kind"] == "bert":
             return BertForSequenceClassification(BertConfig(
                 vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=a, intermediate_size=4 * h))
         return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=h, n_layer=n, n_head=a, n_positions=seq,
                                           bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
-    student, teacher = model(1), model(2)
+    student, teacher = model(1), model(2, case.get("teacher_hidden"))
+    terms = dict(hidden_weight=1.0, attention_weight=1.0) if case.get("intermediate") else {}
     args = DistillationArguments(output_dir="unused", per_device_train_batch_size=batch, max_steps=2, report_to=[],
-                                 save_strategy="no", use_cpu=True, disable_tqdm=True, optim="adamw_torch")
-    DistillationTrainer(student, teacher, args, train_dataset=data).train()
+                                 save_strategy="no", use_cpu=True, disable_tqdm=True, optim="adamw_torch", **terms)
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=data)
+    trainer.train()
     measured = _status_bytes("VmHWM") - before
-    estimate = estimate_peak_memory(student, teacher, batch_size=batch, seq_length=seq, optimizer="adamw_torch")
+    if case.get("intermediate"):  # the trainer's own estimate (its preflight), with the intermediate parts
+        estimate = trainer.preflight_report.memory
+        assert estimate.intermediate_outputs > 0
+    else:
+        estimate = estimate_peak_memory(student, teacher, batch_size=batch, seq_length=seq, optimizer="adamw_torch")
     return {"measured": measured, "estimate": estimate.as_dict()}
 
 
@@ -128,6 +138,24 @@ def test_estimate_parts_follow_the_models_and_settings():
     # The analytic rule lands in the same range as the probe.
     analytic = estimate_peak_memory(student, teacher, batch_size=4, seq_length=16, activation_method="analytic")
     assert 0.5 < analytic.activations / base.activations < 2.0
+
+
+def test_intermediate_outputs_count_teacher_states_maps_and_projections():
+    student, teacher = tiny_bert(layers=2, hidden=32), tiny_bert(layers=4, hidden=64)
+    base = estimate_peak_memory(student, teacher, batch_size=4, seq_length=16)
+    assert base.intermediate_outputs == 0
+    heads = teacher.config.num_attention_heads
+    states = estimate_peak_memory(student, teacher, batch_size=4, seq_length=16, teacher_hidden_states=True)
+    assert states.intermediate_outputs == 5 * 4 * 16 * 64 * 4  # (4 layers + embeddings) x b x s x h, fp32
+    maps = estimate_peak_memory(student, teacher, batch_size=4, seq_length=16, teacher_attentions=True)
+    assert maps.intermediate_outputs == 4 * 4 * heads * 16 * 16 * 4
+    projection = torch.nn.Linear(32, 64)
+    projected = estimate_peak_memory(student, teacher, batch_size=4, seq_length=16, projected_layers=2,
+                                     extra_parameters=list(projection.parameters()))
+    assert projected.intermediate_outputs == 2 * 4 * 16 * 64 * 4
+    n_projection = sum(p.numel() for p in projection.parameters())
+    assert projected.student_gradients - base.student_gradients == 4 * n_projection
+    assert projected.total > base.total
 
 
 def test_causal_lm_logits_scale_with_vocabulary_and_topk_cache():
