@@ -6,9 +6,8 @@ of a V-way vocabulary (issue 4: N = B·T = 4096, V = 32000, T = 2, alpha = 0.5),
 
 * ``naive``: ``chunk_size=0``, plain autograd over the whole fp32 [N, V] tensor;
 * ``chunked-<c>``: ``chunk_size=c`` rows at a time;
-* ``chunked-<c>-inplace`` (``--with_inplace_variant``): the same forward with a backward that scales
-  the stored gradient in place instead of allocating a second [N, V] tensor (a proposed fix, kept here
-  so its effect is measured next to the shipped code).
+* ``fused-<c>``: :func:`hf_distill.losses.logits.fused_forward_kl_and_ce`, the trainer's path for forward KL
+  (the generic chunked path serves the other divergences).
 
 Each measurement runs in a fresh subprocess: the student and teacher logits (fp32 [N, V]) are created
 first, the kernels warmed up on 8 rows, the peak-RSS counter is reset (``/proc/self/clear_refs`` ← 5,
@@ -91,24 +90,6 @@ def rss_kb() -> int:
 # ----------------------------------------------------------------------------------------------
 # The loss under test
 # ----------------------------------------------------------------------------------------------
-def _inplace_chunked_class() -> Any:
-    """``_ChunkedWeightedSums`` with a backward that scales the saved gradient in place (proposed fix)."""
-    import torch
-
-    from hf_distill.losses.logits import _ChunkedWeightedSums
-
-    class _InplaceBackward(_ChunkedWeightedSums):
-        @staticmethod
-        def backward(ctx, grad_total, _grad_sums):  # type: ignore[override]
-            (grad,) = ctx.saved_tensors
-            if not grad.numel():
-                return (None,) * len(ctx.needs_input_grad)
-            grad_x = grad.mul_(grad_total.to(grad.dtype))  # the buffer is not needed after this
-            return (None, None, None, grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 5)
-
-    return _InplaceBackward
-
-
 def loss_and_backward(
     student: "torch.Tensor",  # noqa: F821
     teacher: "torch.Tensor",  # noqa: F821
@@ -118,20 +99,21 @@ def loss_and_backward(
     chunk_size: int,
     temperature: float,
     alpha: float,
-    inplace_backward: bool = False,
+    fused: bool = False,
 ) -> float:
     """Forward + backward of the per-token mean of ``alpha · KD + (1 − alpha) · CE``; returns the loss."""
     import torch
 
-    from hf_distill.losses.logits import chunked_weighted_sums, hard_label_loss, soft_label_loss
+    from hf_distill.losses.logits import chunked_weighted_sums, fused_forward_kl_and_ce, hard_label_loss, soft_label_loss
 
     def row_losses(x, teacher_rows, label_rows):
         soft = soft_label_loss(x, teacher_rows, loss="forward_kl", temperature=temperature)
         return torch.stack([soft, hard_label_loss(x, label_rows)])
 
     coefficients = (alpha, 1.0 - alpha)
-    if inplace_backward and 0 < chunk_size < student.shape[0]:
-        total, _ = _inplace_chunked_class().apply(row_losses, coefficients, chunk_size, student, weights, teacher, labels)
+    if fused:
+        total, _ = fused_forward_kl_and_ce(student, teacher, labels, weights, coefficients, temperature=temperature,
+                                           chunk_size=chunk_size)
     else:
         total, _ = chunked_weighted_sums(row_losses, coefficients, student, weights, teacher, labels, chunk_size=chunk_size)
     loss = total / weights.sum()
@@ -156,7 +138,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    options = dict(temperature=args.temperature, alpha=args.alpha, inplace_backward=args.inplace_backward)
+    options = dict(temperature=args.temperature, alpha=args.alpha, fused=args.fused)
     # Warm up the kernels on a few rows so that one-off allocations are not counted.
     small = make_inputs(8, args.vocab, seed=1)
     loss_and_backward(*small, chunk_size=min(args.chunk_size, 4) if args.chunk_size else 0, **options)
@@ -183,11 +165,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-def _variants(chunk_sizes: Sequence[int], with_inplace: bool) -> list[tuple[str, int, bool]]:
-    variants = [("naive", 0, False)] + [(f"chunked-{c}", c, False) for c in chunk_sizes]
-    if with_inplace:
-        variants += [(f"chunked-{c}-inplace", c, True) for c in chunk_sizes]
-    return variants
+def _variants(chunk_sizes: Sequence[int]) -> list[tuple[str, int, bool]]:
+    """(name, chunk size, fused) of every variant: naive, then the generic and the fused chunked losses."""
+    return ([("naive", 0, False)] + [(f"chunked-{c}", c, False) for c in chunk_sizes]
+            + [(f"fused-{c}", c, True) for c in chunk_sizes])
 
 
 #: glibc settings per allocator mode. "mmap" serves every block over 64 KiB with its own mmap, so that a
@@ -197,15 +178,15 @@ def _variants(chunk_sizes: Sequence[int], with_inplace: bool) -> list[tuple[str,
 MALLOC_ENV = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}, "default": {}}
 
 
-def _spawn(args: argparse.Namespace, chunk_size: int, inplace: bool, malloc: str, save_grad: Optional[str]) -> dict:
+def _spawn(args: argparse.Namespace, chunk_size: int, fused: bool, malloc: str, save_grad: Optional[str]) -> dict:
     command = [
         sys.executable, os.path.abspath(__file__), "--worker",
         "--tokens", str(args.tokens), "--vocab", str(args.vocab), "--chunk_size", str(chunk_size),
         "--temperature", str(args.temperature), "--alpha", str(args.alpha), "--threads", str(args.threads),
         "--seed", str(args.seed),
     ]
-    if inplace:
-        command.append("--inplace_backward")
+    if fused:
+        command.append("--fused")
     if save_grad:
         command += ["--save_grad", save_grad]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -253,15 +234,15 @@ TARGET_RATIO = 0.25  # issue 4: chunked extra peak <= 25% of the naive loss's ex
 
 
 def _goal(rows: list[dict[str, Any]], malloc: str) -> dict[str, Any]:
-    """Best chunked variant of the shipped code and of the proposed in-place backward, against the target."""
+    """Best variant of the generic chunked loss ("shipped") and of the fused one, against the target."""
     goal: dict[str, Any] = {"target_ratio": TARGET_RATIO}
-    for key, inplace in (("shipped", False), ("inplace", True)):
-        chunked = [r for r in rows if r["malloc"] == malloc and r["chunk_size"] and r["inplace_backward"] == inplace]
+    for key, fused in (("shipped", False), ("fused", True)):
+        chunked = [r for r in rows if r["malloc"] == malloc and r["chunk_size"] and r["fused"] == fused]
         best = min(chunked, key=lambda r: r["ratio_to_naive"], default=None)
         goal[f"best_{key}_variant"] = best["variant"] if best else None
         goal[f"best_{key}_ratio"] = best["ratio_to_naive"] if best else None
         goal[f"{key}_met"] = bool(best and best["ratio_to_naive"] <= TARGET_RATIO)
-    goal["met"] = goal["shipped_met"]
+    goal["met"] = goal["shipped_met"] and goal["fused_met"]
     return goal
 
 
@@ -273,11 +254,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench_loss_memory_") as tmp:
         grad_files: dict[str, str] = {}
         for malloc in mallocs:
-            for name, chunk_size, inplace in _variants(args.chunk_sizes, args.with_inplace_variant):
+            for name, chunk_size, fused in _variants(args.chunk_sizes):
                 runs = []
                 for repeat in range(args.repeats):
                     save = os.path.join(tmp, f"{name}.npy") if name not in grad_files and repeat == 0 else None
-                    runs.append(_spawn(args, chunk_size, inplace, malloc, save))
+                    runs.append(_spawn(args, chunk_size, fused, malloc, save))
                     if save:
                         grad_files[name] = save
                     print(f"  [{malloc}] {name} #{repeat}: +{runs[-1]['extra_peak_mb']:.0f} MB, "
@@ -286,7 +267,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     "malloc": malloc,
                     "variant": name,
                     "chunk_size": chunk_size,
-                    "inplace_backward": inplace,
+                    "fused": fused,
                     "extra_peak_mb": statistics.median(r["extra_peak_mb"] for r in runs),
                     "seconds": statistics.median(r["seconds"] for r in runs),
                     "loss": runs[0]["loss"],
@@ -329,8 +310,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per worker (1: on a shared machine, OpenMP spin-waits make timings erratic).")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--with_inplace_variant", action="store_true",
-                        help="Also measure the chunked loss with an in-place backward (proposed fix).")
     parser.add_argument("--malloc", choices=["mmap", "default", "both"], default="both",
                         help="glibc allocator settings of the workers (see MALLOC_ENV).")
     parser.add_argument("--quick", action="store_true",
@@ -338,7 +317,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", default="bench_results/loss_memory.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--chunk_size", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--inplace_backward", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--save_grad", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick and not args.worker:
@@ -362,7 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     print()
     print(markdown_table(report["results"]))
     for malloc, goal in report["goal"].items():
-        for key, what in (("shipped", "shipped code"), ("inplace", "with the in-place backward")):
+        for key, what in (("shipped", "generic chunked loss"), ("fused", "fused forward KL + CE")):
             if goal[f"best_{key}_variant"]:
                 print(f"\nGoal (chunked extra peak <= 25% of naive), malloc={malloc}, {what}: "
                       f"{'met' if goal[f'{key}_met'] else 'missed'} "

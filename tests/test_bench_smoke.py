@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_loss_memory.py
 def test_bench_loss_memory_quick(tmp_path: Path) -> None:
     output = tmp_path / "loss_memory.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--with_inplace_variant", "--output", str(output)],
+        [sys.executable, str(SCRIPT), "--quick", "--output", str(output)],
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -26,7 +26,7 @@ def test_bench_loss_memory_quick(tmp_path: Path) -> None:
     assert {"config", "results", "goal", "grad_max_abs"} <= set(report)
     assert report["config"]["quick"] is True
     rows = {r["variant"]: r for r in report["results"]}
-    assert set(rows) == {"naive", "chunked-32", "chunked-32-inplace"}
+    assert set(rows) == {"naive", "chunked-32", "fused-32"}
     expected = {"extra_peak_mb", "ratio_to_naive", "seconds", "loss", "loss_abs_diff", "grad_max_abs_diff",
                 "extra_peak_without_grad_mb", "malloc", "chunk_size", "runs"}
     for row in rows.values():
@@ -38,14 +38,14 @@ def test_bench_loss_memory_quick(tmp_path: Path) -> None:
     assert abs(chunked["loss"] - naive["loss"]) <= 1e-5 * abs(naive["loss"])
     assert chunked["loss_abs_diff"] <= 1e-5 * abs(naive["loss"])
     assert report["grad_max_abs"] > 0
-    for row in (chunked, rows["chunked-32-inplace"]):
+    for row in (chunked, rows["fused-32"]):
         assert row["grad_max_abs_diff"] <= 1e-6 * report["grad_max_abs"] + 1e-12
         assert row["loss_abs_diff"] <= 1e-5 * abs(naive["loss"])
     # Chunking saves memory even at this size (naive holds several fp32 [N, V] intermediates at once).
     assert chunked["extra_peak_mb"] < naive["extra_peak_mb"]
     goal = report["goal"]["mmap"]
-    assert {"target_ratio", "met", "best_shipped_variant", "best_inplace_variant", "inplace_met"} <= set(goal)
-    assert goal["best_shipped_variant"] == "chunked-32" and goal["best_inplace_variant"] == "chunked-32-inplace"
+    assert {"target_ratio", "met", "best_shipped_variant", "best_fused_variant", "fused_met"} <= set(goal)
+    assert goal["best_shipped_variant"] == "chunked-32" and goal["best_fused_variant"] == "fused-32"
 
 
 
