@@ -61,8 +61,15 @@ def resolve_teacher_sharding(mode: str, accelerator: Any) -> str:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's sub-modules whose class is named in ``_no_split_modules``, innermost first."""
+    """The model's sub-modules whose class is named in ``_no_split_modules``, innermost first.
+
+    Without that attribute (some model classes of older transformers releases), the members of every
+    ``nn.ModuleList`` of identical modules: the layer stacks.
+    """
     names = set(getattr(model, "_no_split_modules", None) or [])
+    if not names:
+        names = {type(m[0]).__name__ for m in model.modules()
+                 if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(x) for x in m}) == 1}
     return [m for m in reversed(list(model.modules())) if m is not model and type(m).__name__ in names]
 
 

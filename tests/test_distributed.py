@@ -66,8 +66,9 @@ def test_transformer_blocks_are_the_no_split_modules_innermost_first():
 
     model = tiny_bert(layers=2)
     names = [type(m).__name__ for m in transformer_blocks(model)]
-    assert sorted(set(names)) == sorted(set(model._no_split_modules))
     assert names.count("BertLayer") == 2
+    if model._no_split_modules:  # transformers 5; 4.57's BERT names none and the layer stack is found instead
+        assert sorted(set(names)) == sorted(set(model._no_split_modules))
     # innermost first: fully_shard must see a child before any parent that contains it
     modules = list(model.modules())
     order = [modules.index(m) for m in transformer_blocks(model)]
