@@ -237,3 +237,35 @@ def test_fused_forward_kl_is_zero_for_identical_logits_and_handles_masked_teache
     torch.testing.assert_close(got, expected)
     (grad,) = torch.autograd.grad(got, student)
     torch.testing.assert_close(grad, torch.softmax(student, -1) - torch.softmax(teacher, -1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_fused_loss_with_a_bf16_teacher_rounds_it_once_like_the_generic_path(temperature):
+    from hf_distill.losses.logits import chunked_weighted_sums, fused_forward_kl_and_ce, hard_label_loss, soft_label_loss
+
+    torch.manual_seed(4)
+    student = (4 * torch.randn(12, 50)).requires_grad_()
+    teacher = (4 * torch.randn(12, 50)).bfloat16()
+    labels, weights = torch.randint(0, 50, (12,)), torch.ones(12)
+
+    def rows(x, t, y):
+        return torch.stack([soft_label_loss(x, t, temperature=temperature), hard_label_loss(x, y)])
+
+    expected, _ = chunked_weighted_sums(rows, (0.5, 0.5), student, weights, teacher, labels, chunk_size=0)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    got, _ = fused_forward_kl_and_ce(student, teacher, labels, weights, (0.5, 0.5), temperature=temperature, chunk_size=5)
+    (got_grad,) = torch.autograd.grad(got, student)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_cross_entropy_ignores_rows_whatever_their_first_logit():
+    from hf_distill.losses.logits import fused_forward_kl_and_ce, hard_label_loss
+
+    torch.manual_seed(5)
+    student, teacher = 3 * torch.randn(6, 9), 3 * torch.randn(6, 9)
+    student[:, 0] = teacher[:, 0] = float("-inf")  # a masked token: ignored rows must not read it as a label
+    labels = torch.tensor([1, -100, 2, -100, 3, 4])
+    _, sums = fused_forward_kl_and_ce(student.requires_grad_(), teacher, labels, torch.ones(6), (0.5, 0.5))
+    assert torch.isfinite(sums).all()
+    torch.testing.assert_close(sums[1], hard_label_loss(student, labels).sum())

@@ -292,10 +292,12 @@ class _ChunkBuffers:
         return self._buffers[name][:n]
 
     def as_float(self, name: str, x: Tensor, divide_by: float = 1.0) -> Tensor:
-        """``x.float() / divide_by`` in the named buffer (``x`` itself when that is a no-op)."""
+        """``x.float() / divide_by`` in the named buffer (``x`` itself when that is a no-op); widened first,
+        so that a bf16 / fp16 input is rounded once, as ``x.float() / divide_by`` does."""
         if x.dtype == torch.float32 and divide_by == 1.0:
             return x
-        return torch.div(x, divide_by, out=self(name, x.shape[0]))
+        out = self(name, x.shape[0]).copy_(x)
+        return out.div_(divide_by) if divide_by != 1.0 else out
 
 
 def _softmax_into(logits: Tensor, out: Tensor) -> Tensor:
@@ -303,12 +305,25 @@ def _softmax_into(logits: Tensor, out: Tensor) -> Tensor:
     return torch.ops.aten._softmax.out(logits, -1, False, out=out)
 
 
-def _log_normaliser(scaled_logits: Tensor, probs: Tensor) -> Tensor:
-    """lse(z) = max z − log max softmax(z), per row [n, 1]: two cheap reductions instead of another exp pass."""
-    return scaled_logits.amax(-1, keepdim=True) - probs.amax(-1, keepdim=True).log()
+class _Normaliser:
+    """log-sum-exp of rows of z from their softmax: lse(z) = max z − log max softmax(z), two cheap reductions
+    instead of another exp pass. ``log_softmax_at`` reads log softmax(z) at given indices as
+    (z_i − max z) + log max softmax(z), which stays exact when max z is large."""
+
+    def __init__(self, scaled_logits: Tensor, probs: Tensor) -> None:
+        self.logits = scaled_logits
+        self.max = scaled_logits.amax(-1, keepdim=True)
+        self.log_max_prob = probs.amax(-1, keepdim=True).log()
+
+    @property
+    def lse(self) -> Tensor:
+        return self.max - self.log_max_prob
+
+    def log_softmax_at(self, indices: Tensor) -> Tensor:
+        return (self.logits.gather(-1, indices) - self.max) + self.log_max_prob
 
 
-def _full_teacher_kd(student_scaled: Tensor, lse_q: Tensor, teacher_scaled: Tensor, buffers: _ChunkBuffers):
+def _full_teacher_kd(student_scaled: Tensor, student_norm: _Normaliser, teacher_scaled: Tensor, buffers: _ChunkBuffers):
     """KL(p ‖ q) per row against full teacher logits z_t/T, and the KD gradient's target.
 
     KL = Σ p (z_t − z_s)/T − lse(z_t/T) + lse(z_s/T): one softmax and one dot product per row. Rows where that
@@ -317,15 +332,15 @@ def _full_teacher_kd(student_scaled: Tensor, lse_q: Tensor, teacher_scaled: Tens
     """
     n = teacher_scaled.shape[0]
     p = _softmax_into(teacher_scaled, buffers("p", n))
-    lse_p = _log_normaliser(teacher_scaled, p)
+    teacher_norm = _Normaliser(teacher_scaled, p)
     difference = torch.sub(teacher_scaled, student_scaled, out=buffers("scratch", n)).mul_(p)
-    kl = difference.sum(-1) - (lse_p - lse_q).squeeze(-1)
+    kl = difference.sum(-1) - (teacher_norm.lse - student_norm.lse).squeeze(-1)
     if not bool(torch.isfinite(kl).all()):
         kl = kl_divergence(F.log_softmax(teacher_scaled, dim=-1), F.log_softmax(student_scaled, dim=-1))
     return kl, 1.0, lambda g, c: g.addcmul_(p, -c)
 
 
-def _topk_teacher_kd(student_scaled: Tensor, lse_q: Tensor, teacher_topk_log_probs: Tensor,
+def _topk_teacher_kd(student_scaled: Tensor, student_norm: _Normaliser, teacher_topk_log_probs: Tensor,
                      teacher_topk_indices: Tensor):
     """KL over the k + 1 bins of :func:`topk_soft_label_loss` (k teacher tokens and the tail), and its gradient.
 
@@ -335,7 +350,7 @@ def _topk_teacher_kd(student_scaled: Tensor, lse_q: Tensor, teacher_topk_log_pro
     ∂KL/∂(z_s/T) = a · q + scatter_K(r) and add_target(g, c) doing g += c · scatter_K(r).
     """
     indices = teacher_topk_indices.long()
-    log_q_topk = student_scaled.gather(-1, indices) - lse_q
+    log_q_topk = student_norm.log_softmax_at(indices)
     log_p_topk = teacher_topk_log_probs.float()
     q_mass = log_q_topk.exp().sum(-1, keepdim=True)
     log_q_tail, log_p_tail = _log_tail(log_q_topk), _log_tail(log_p_topk)
@@ -371,12 +386,12 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
             # q_T goes where the gradient will be (it becomes the gradient in place below).
             direct = grad is not None and grad.dtype == torch.float32
             q = _softmax_into(s_t, grad[rows] if direct else buffers("q", n))
-            lse_q = _log_normaliser(s_t, q)
+            norm_q = _Normaliser(s_t, q)
             if len(teacher) == 1:
                 t_t = buffers.as_float("t_t", teacher[0][rows], temperature)
-                kd, a, add_target = _full_teacher_kd(s_t, lse_q, t_t, buffers)
+                kd, a, add_target = _full_teacher_kd(s_t, norm_q, t_t, buffers)
             else:
-                kd, a, add_target = _topk_teacher_kd(s_t, lse_q, *(part[rows] for part in teacher))
+                kd, a, add_target = _topk_teacher_kd(s_t, norm_q, *(part[rows] for part in teacher))
             sums[0] += (kd * w.squeeze(-1)).sum() * (temperature**2 if scale else 1.0)
             kd_coef = (c_kd * kd_factor) * w  # [n, 1]
             ce_coef = q1 = None
@@ -385,8 +400,9 @@ class _FusedForwardKLAndCE(torch.autograd.Function):
                 valid = (y != -100)[:, None].to(w.dtype)
                 safe = y.clamp(min=0)[:, None]
                 q1 = q if temperature == 1 else _softmax_into(s, buffers("q1", n))
-                lse_q1 = lse_q if temperature == 1 else _log_normaliser(s, q1)
-                sums[1] += ((lse_q1 - s.gather(-1, safe)) * valid * w).sum()  # CE = lse(z) − z_y
+                norm_q1 = norm_q if temperature == 1 else _Normaliser(s, q1)
+                ce = -norm_q1.log_softmax_at(safe)  # CE = −log softmax(z)_y; 0 on ignored rows, whatever z_0 is
+                sums[1] += (ce.masked_fill(valid == 0, 0.0) * w).sum()
                 ce_coef = c_ce * w * valid
             if grad is None:
                 continue
