@@ -68,25 +68,28 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """
     names = set(getattr(model, "_no_split_modules", None) or [])
     if not names:
-        names = {type(m[0]).__name__ for m in model.modules()
-                 if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(x) for x in m}) == 1}
+        stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
+                  and len({type(x) for x in m}) == 1 and any(True for _ in m[0].children())]  # not lists of Linear
+        members = {id(x) for stack in stacks for x in stack}
+        return [m for m in reversed(list(model.modules())) if id(m) in members]
     return [m for m in reversed(list(model.modules())) if m is not model and type(m).__name__ in names]
 
 
-def shard_teacher_fsdp(teacher: nn.Module, device: torch.device) -> nn.Module:
+def shard_teacher_fsdp(teacher: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard ``teacher`` in place across the default process group with FSDP2, block by block, then the root.
 
     Each process keeps 1 / world_size of every parameter; a forward gathers one block, runs it and frees the
     gathered copy (``reshard_after_forward``). Every process must call the teacher's forward the same number of
-    times, which the trainer does (one teacher forward per micro-batch on every rank).
+    times, which the trainer does (one teacher forward per micro-batch on every rank). Each block's parameters
+    move to ``device`` as it is sharded, so the full teacher is never on one device. ``compute_dtype`` (the
+    run's mixed precision) is the dtype the gathered parameters are computed in.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("teacher_sharding='fsdp' needs a distributed run (accelerate launch / torchrun).")
-    teacher.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     blocks = transformer_blocks(teacher)
     if not blocks:
@@ -94,9 +97,10 @@ def shard_teacher_fsdp(teacher: nn.Module, device: torch.device) -> nn.Module:
             "The teacher (%s) names no _no_split_modules: it is sharded as one unit, so a forward gathers all of "
             "it at once (memory at rest is still 1/%d per process).", type(teacher).__name__, dist.get_world_size()
         )
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
     return teacher
 
 
@@ -158,9 +162,18 @@ def place_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> nn.Module:
             )
         mode = "none"
     if mode == "fsdp":
-        logger.info("Teacher sharded with FSDP2 across %d processes.", accelerator.num_processes)
-        return shard_teacher_fsdp(teacher, accelerator.device)
+        # Like Accelerate's autocast around a replica's forward: a teacher kept in fp32 computes in the run's
+        # mixed precision; one cast by teacher_dtype computes in that dtype.
+        compute_dtype = None
+        if getattr(args, "teacher_dtype", "auto") == "auto":
+            compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+        logger.info("Teacher sharded with FSDP2 across %d processes (compute dtype %s).", accelerator.num_processes,
+                    compute_dtype or "as loaded")
+        return shard_teacher_fsdp(teacher, accelerator.device, compute_dtype)
     if mode == "deepspeed":
-        logger.info("Teacher prepared as a DeepSpeed ZeRO-3 inference engine.")
+        stage = _deepspeed_zero_stage(accelerator)
+        logger.info("Teacher prepared as a DeepSpeed inference engine (%s; DeepSpeed casts it to the bf16 / fp16 of "
+                    "its config, whatever teacher_dtype says).", "ZeRO-3 partitioned" if stage == 3 else
+                    "stage 0: a full replica per process, since stages 1-2 shard only optimizer states")
         return deepspeed_teacher(teacher, accelerator, args)
     return accelerator.prepare_model(teacher, evaluation_mode=True)

@@ -160,7 +160,10 @@ def _bytes_of(tensors: Iterable[torch.Tensor], float_bytes: Optional[int] = None
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    """The part of ``tensor`` this process holds: an FSDP2 DTensor's local shard, a ZeRO-3 partition."""
+    if hasattr(tensor, "to_local"):
+        return tensor.to_local()
+    return getattr(tensor, "ds_tensor", tensor)
 
 
 def _intermediate_output_bytes(teacher: nn.Module, batch_size: int, seq_length: int, hidden_states: bool,

@@ -182,8 +182,10 @@ def cache_teacher_outputs(
     settings_kwargs = dict(task=task, input_prefix=input_prefix, pad_token_id=pad_token_id, temperature=temperature,
                            prefix=topk_column_prefix, logits_column=logits_column)
     try:
-        probe = _teacher_batch_outputs(dataset[:1], teacher=teacher, top_k=None, **settings_kwargs)
-        width = probe[logits_column][0].shape[-1]
+        width = 0  # only full per-token logits need it (Array2D [seq, width]): read off one example
+        if top_k is None and task != "sequence-classification":
+            probe = _teacher_batch_outputs(dataset[:1], teacher=teacher, top_k=None, **settings_kwargs)
+            width = probe[logits_column][0].shape[-1]
         return dataset.map(
             _teacher_batch_outputs,
             batched=True,

@@ -217,6 +217,7 @@ class DistillationTrainer(Trainer):
         self._check_datasets()
         if self.task == "causal-lm":
             check_same_tokenizer(teacher_processing_class, self.processing_class)
+        self._teacher_summaries: dict[int, dict[str, Any]] = {}
         self.teachers = [self._prepare_teacher(t) for t in teachers]
         self.teacher = self.teachers[args.intermediate_teacher] if self.teachers else None
         if self.teacher is None and not self._has_cached_teacher():
@@ -412,7 +413,14 @@ class DistillationTrainer(Trainer):
         teacher.eval()
         if self.args.teacher_dtype != "auto":
             teacher.to(TEACHER_DTYPES[self.args.teacher_dtype])
-        return self._compile_teacher(place_teacher(teacher, self.accelerator, self.args))
+        summary = self._teacher_summary(teacher)  # before sharding: a shard's weights are not the teacher's
+        placed = self._compile_teacher(place_teacher(teacher, self.accelerator, self.args))
+        self._teacher_summaries[id(unwrap_model(placed))] = summary
+        return placed
+
+    @staticmethod
+    def _teacher_summary(teacher: nn.Module) -> dict[str, Any]:
+        return {"fingerprint": model_fingerprint(teacher), "num_parameters": sum(p.numel() for p in teacher.parameters())}
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep teacher columns (cached outputs, ``teacher_``-prefixed inputs) through remove_unused_columns."""
@@ -732,9 +740,10 @@ class DistillationTrainer(Trainer):
             "task": self.task,
             "teacher": None if teacher is None else {
                 "name_or_path": self.teacher_name_or_path,
-                "fingerprint": model_fingerprint(teacher),
-                "num_parameters": sum(p.numel() for p in teacher.parameters()),
-                "model_type": getattr(teacher.config, "model_type", None),
+                # an EMA teacher changes during training: summarised now; a sharded one: as it was loaded
+                **(self._teacher_summary(teacher) if self.args.self_distillation == "ema"
+                   else self._teacher_summaries.get(id(teacher)) or self._teacher_summary(teacher)),
+                "model_type": getattr(getattr(teacher, "config", None), "model_type", None),
             },
             "student": {
                 "name_or_path": getattr(student.config, "_name_or_path", None),

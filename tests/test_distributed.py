@@ -18,11 +18,12 @@ from hf_distill import DistillationArguments
 from hf_distill.distributed import deepspeed_inference_config, place_teacher, resolve_teacher_sharding, transformer_blocks
 
 
-def fake_accelerator(processes: int, distributed_type: str = "MULTI_GPU", zero_stage=None, ds_config=None):
+def fake_accelerator(processes: int, distributed_type: str = "MULTI_GPU", zero_stage=None, ds_config=None,
+                     mixed_precision="no"):
     plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage, deepspeed_config=ds_config or {})
     calls = []
     return SimpleNamespace(
-        num_processes=processes, distributed_type=f"DistributedType.{distributed_type}",
+        num_processes=processes, distributed_type=f"DistributedType.{distributed_type}", mixed_precision=mixed_precision,
         state=SimpleNamespace(deepspeed_plugin=plugin), device=torch.device("cpu"),
         prepare_model=lambda model, evaluation_mode: calls.append(evaluation_mode) or model, calls=calls,
     )
@@ -73,6 +74,17 @@ def test_transformer_blocks_are_the_no_split_modules_innermost_first():
     modules = list(model.modules())
     order = [modules.index(m) for m in transformer_blocks(model)]
     assert order == sorted(order, reverse=True)
+
+
+def test_layer_stack_fallback_ignores_lists_of_leaf_modules():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])  # leaves: not blocks
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([Block(), Block()])
+    assert [type(m).__name__ for m in transformer_blocks(model)] == ["Block", "Block"]
 
 
 def test_deepspeed_inference_config_drops_training_parts_and_resolves_autos():

@@ -37,6 +37,9 @@ def _run(output_dir: Path, per_device_batch: int, accumulation: int, cached: boo
                         preflight=False, teacher_sharding=sharding)
     trainer = DistillationTrainer(tiny_bert(seed=1), teacher, args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
+    trainer.save_model(str(output_dir / "final"))  # the recipe summarises the teacher (sharded: as loaded)
+    recipe_file = output_dir / "final" / "distillation" / "recipe.json"
+    recipe = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
     held = full = 0
     for parameter in (trainer.teacher.parameters() if trainer.teacher is not None else []):
         full += parameter.numel()  # a DTensor reports the global shape
@@ -44,7 +47,7 @@ def _run(output_dir: Path, per_device_batch: int, accumulation: int, cached: boo
     logs = [{k: e[k] for k in ("loss", "loss_kd", "loss_ce")} for e in trainer.state.log_history if "loss" in e]
     weights = {k: v.tolist() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
     return {"world_size": trainer.args.world_size, "logs": logs, "weights": weights,
-            "teacher_fraction_held": held / full if full else None}
+            "teacher_fraction_held": held / full if full else None, "recipe_teacher": recipe.get("teacher")}
 
 
 def _launch(command: list[str], out: Path) -> dict:
@@ -104,7 +107,9 @@ def ddp_results(tmp_path_factory):
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(ddp_results, tmp_path, scenario):
-    _compare(ddp_results[scenario], _single(tmp_path, cached=SCENARIOS[scenario][2]))
+    single = _single(tmp_path, cached=SCENARIOS[scenario][2])
+    _compare(ddp_results[scenario], single)
+    assert ddp_results[scenario]["recipe_teacher"] == single["recipe_teacher"]  # same teacher, however placed
     held = ddp_results[scenario]["teacher_fraction_held"]
     if SCENARIOS[scenario][3] == "fsdp":  # each rank holds its half of every parameter (padding aside)
         assert 0.45 < held < 0.55, held
