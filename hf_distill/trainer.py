@@ -217,7 +217,7 @@ class DistillationTrainer(Trainer):
         self._check_datasets()
         if self.task == "causal-lm":
             check_same_tokenizer(teacher_processing_class, self.processing_class)
-        self._teacher_summaries: dict[int, dict[str, Any]] = {}
+        self._teacher_summaries: list[dict[str, Any]] = []  # per teacher, taken before sharding (_prepare_teacher)
         self.teachers = [self._prepare_teacher(t) for t in teachers]
         self.teacher = self.teachers[args.intermediate_teacher] if self.teachers else None
         if self.teacher is None and not self._has_cached_teacher():
@@ -413,10 +413,8 @@ class DistillationTrainer(Trainer):
         teacher.eval()
         if self.args.teacher_dtype != "auto":
             teacher.to(TEACHER_DTYPES[self.args.teacher_dtype])
-        summary = self._teacher_summary(teacher)  # before sharding: a shard's weights are not the teacher's
-        placed = self._compile_teacher(place_teacher(teacher, self.accelerator, self.args))
-        self._teacher_summaries[id(unwrap_model(placed))] = summary
-        return placed
+        self._teacher_summaries.append(self._teacher_summary(teacher))  # a shard's weights are not the teacher's
+        return self._compile_teacher(place_teacher(teacher, self.accelerator, self.args))
 
     @staticmethod
     def _teacher_summary(teacher: nn.Module) -> dict[str, Any]:
@@ -470,6 +468,10 @@ class DistillationTrainer(Trainer):
                 )
             return cached[f"{prefix}_log_probs"], cached[f"{prefix}_indices"]
         return None
+
+    def live_teacher_outputs(self, teacher_inputs: dict, cached: dict) -> list[Any]:
+        """The teachers' outputs for this batch, or [] when its cached outputs serve (logit terms only)."""
+        return [] if cached and self.intermediate is None else self.teacher_forward(teacher_inputs)
 
     def teacher_forward(self, teacher_inputs: dict) -> list[Any]:
         """One forward of each teacher under no_grad; the intermediate teacher also returns its internals."""
@@ -590,8 +592,7 @@ class DistillationTrainer(Trainer):
             num_items_in_batch = None  # the generated batch has its own token count (see _normaliser)
         student_inputs, teacher_inputs, cached = self._split_inputs(inputs)
         # The teacher first: its activations are freed before the student's (kept for backward) are made.
-        use_cache = bool(cached) and self.intermediate is None
-        teacher_outputs = [] if use_cache else self.teacher_forward(teacher_inputs)
+        teacher_outputs = self.live_teacher_outputs(teacher_inputs, cached)
         student_outputs = model(**student_inputs, **self._output_flags())
         student_logits = task_logits(student_outputs, self.task)
         temperature, alpha = self.current_temperature(), self.current_alpha()
@@ -740,9 +741,9 @@ class DistillationTrainer(Trainer):
             "task": self.task,
             "teacher": None if teacher is None else {
                 "name_or_path": self.teacher_name_or_path,
-                # an EMA teacher changes during training: summarised now; a sharded one: as it was loaded
+                # as loaded (a sharded teacher's local weights are a shard), except an EMA teacher, which moves
                 **(self._teacher_summary(teacher) if self.args.self_distillation == "ema"
-                   else self._teacher_summaries.get(id(teacher)) or self._teacher_summary(teacher)),
+                   else self._teacher_summaries[self.args.intermediate_teacher]),
                 "model_type": getattr(getattr(teacher, "config", None), "model_type", None),
             },
             "student": {
@@ -929,7 +930,7 @@ class DistillationTrainer(Trainer):
             for batches, inputs in enumerate(loader, start=1):
                 inputs = self._prepare_inputs(inputs)
                 _, teacher_inputs, cached = self._split_inputs(inputs)
-                outputs = [] if cached and self.intermediate is None else self.teacher_forward(teacher_inputs)
+                outputs = self.live_teacher_outputs(teacher_inputs, cached)
                 targets = self.teacher_targets(outputs, cached, self.current_temperature(), width)
                 parts = targets[0][0]
                 teacher = parts[0] if len(parts) == 1 else parts
