@@ -45,14 +45,16 @@ def resolve_teacher_sharding(mode: str, accelerator: Any) -> str:
         raise ValueError(f"teacher_sharding must be one of {', '.join(TEACHER_SHARDING_MODES)}, got {mode!r}.")
     if accelerator.num_processes == 1:
         return "none"  # nothing to shard across
-    distributed_type = str(getattr(accelerator, "distributed_type", ""))
+    from accelerate.utils import DistributedType
+
+    engine = accelerator.distributed_type
     if mode == "auto":
-        if distributed_type.endswith("FSDP"):
+        if engine == DistributedType.FSDP:
             return "fsdp"
-        if distributed_type.endswith("DEEPSPEED") and _deepspeed_zero_stage(accelerator) == 3:
+        if engine == DistributedType.DEEPSPEED and _deepspeed_zero_stage(accelerator) == 3:
             return "deepspeed"
         return "none"
-    if mode == "deepspeed" and not distributed_type.endswith("DEEPSPEED"):
+    if mode == "deepspeed" and engine != DistributedType.DEEPSPEED:
         raise ValueError(
             "teacher_sharding='deepspeed' needs a DeepSpeed run (accelerate launch with a DeepSpeed config, e.g. "
             "scripts/accelerate_configs/deepspeed_zero3.yaml); use 'fsdp' to shard the teacher otherwise."
@@ -154,7 +156,7 @@ def deepspeed_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> nn.Mod
 def place_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> nn.Module:
     """Put the frozen, eval-mode ``teacher`` where ``args.teacher_sharding`` says (see the module doc)."""
     mode = resolve_teacher_sharding(args.teacher_sharding, accelerator)
-    if mode != "none" and getattr(args, "self_distillation", "none") == "ema":
+    if mode != "none" and args.self_distillation == "ema":
         if args.teacher_sharding != "auto":
             raise ValueError(
                 "EMA self-distillation updates the teacher from the student's weights every step, which a sharded "
@@ -165,7 +167,7 @@ def place_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> nn.Module:
         # Like Accelerate's autocast around a replica's forward: a teacher kept in fp32 computes in the run's
         # mixed precision; one cast by teacher_dtype computes in that dtype.
         compute_dtype = None
-        if getattr(args, "teacher_dtype", "auto") == "auto":
+        if args.teacher_dtype == "auto":
             compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
         logger.info("Teacher sharded with FSDP2 across %d processes (compute dtype %s).", accelerator.num_processes,
                     compute_dtype or "as loaded")

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 
 from hf_distill import DistillationArguments
 from hf_distill.distributed import deepspeed_inference_config, place_teacher, resolve_teacher_sharding, transformer_blocks
@@ -23,7 +24,7 @@ def fake_accelerator(processes: int, distributed_type: str = "MULTI_GPU", zero_s
     plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage, deepspeed_config=ds_config or {})
     calls = []
     return SimpleNamespace(
-        num_processes=processes, distributed_type=f"DistributedType.{distributed_type}", mixed_precision=mixed_precision,
+        num_processes=processes, distributed_type=DistributedType[distributed_type], mixed_precision=mixed_precision,
         state=SimpleNamespace(deepspeed_plugin=plugin), device=torch.device("cpu"),
         prepare_model=lambda model, evaluation_mode: calls.append(evaluation_mode) or model, calls=calls,
     )
@@ -50,7 +51,7 @@ def test_bad_sharding_requests_fail_early_naming_the_fix():
         DistillationArguments(output_dir="unused", teacher_sharding="zero3")
     with pytest.raises(ValueError, match="needs a DeepSpeed run"):
         resolve_teacher_sharding("deepspeed", fake_accelerator(2, "MULTI_GPU"))
-    args = SimpleNamespace(teacher_sharding="fsdp", self_distillation="ema")
+    args = SimpleNamespace(teacher_sharding="fsdp", self_distillation="ema", teacher_dtype="auto")
     with pytest.raises(ValueError, match="teacher_sharding none"):
         place_teacher(torch.nn.Linear(2, 2), fake_accelerator(2, "MULTI_GPU"), args)
 
@@ -58,7 +59,7 @@ def test_bad_sharding_requests_fail_early_naming_the_fix():
 def test_ema_self_distillation_keeps_a_replica_under_auto():
     accelerator = fake_accelerator(2, "FSDP")
     teacher = torch.nn.Linear(2, 2)
-    args = SimpleNamespace(teacher_sharding="auto", self_distillation="ema")
+    args = SimpleNamespace(teacher_sharding="auto", self_distillation="ema", teacher_dtype="auto")
     assert place_teacher(teacher, accelerator, args) is teacher and accelerator.calls == [True]
 
 
