@@ -154,10 +154,13 @@ def hard_label_loss(student_logits: Tensor, labels: Tensor, ignore_index: int = 
 # ----------------------------------------------------------------------------------------------
 # Top-k teacher targets (cached logits for language models)
 # ----------------------------------------------------------------------------------------------
+TOPK_MASS_CAP = 1.0 - 1e-6  # the top-k mass is clamped here, so that the tail bin keeps a finite log
+
+
 def _log_tail(log_probs_topk: Tensor) -> Tensor:
     """log(1 − Σ_k exp(log_probs_topk)), the log mass outside the top-k bins (clamped for stability)."""
     mass = log_probs_topk.exp().sum(-1, keepdim=True)
-    return torch.log1p(-mass.clamp(max=1.0 - 1e-6))
+    return torch.log1p(-mass.clamp(max=TOPK_MASS_CAP))
 
 
 def topk_soft_label_loss(
@@ -356,7 +359,7 @@ def _topk_teacher_kd(student_scaled: Tensor, student_norm: _Normaliser, teacher_
     log_q_tail, log_p_tail = _log_tail(log_q_topk), _log_tail(log_p_topk)
     kl = kl_divergence(torch.cat([log_p_topk, log_p_tail], -1), torch.cat([log_q_topk, log_q_tail], -1))
     p_tail = log_p_tail.exp()
-    tail_open = (q_mass < 1.0 - 1e-6).to(p_tail.dtype)  # 0 where the clamp of _log_tail is active
+    tail_open = (q_mass < TOPK_MASS_CAP).to(p_tail.dtype)  # 0 where the clamp of _log_tail is active
     ratio = p_tail / log_q_tail.exp()
     a = 1.0 - p_tail + tail_open * (p_tail - ratio)
     r = tail_open * ratio * log_q_topk.exp() - log_p_topk.exp()
@@ -448,8 +451,8 @@ def fused_forward_kl_and_ce(
     written directly, ``∂/∂z_n = w_n (c_kd · T · ∂KL/∂(z_n/T) + c_ce · 1[y_n ≠ −100] (q − onehot(y_n)))``
     (``1/T`` instead of ``T`` without the T² scaling), where ∂KL/∂(z/T) is q_T − p_T for full logits, so
     autograd keeps nothing of the vocabulary-wide intermediates. With T = 1 one softmax of the student
-    serves both terms. ``labels=None`` drops the CE term. Chunks are capped at ``MAX_CHUNK_ELEMENTS``
-    logits; ``chunk_size <= 0`` means one chunk.
+    serves both terms. ``labels=None`` drops the CE term. ``chunk_size <= 0`` asks for one chunk; chunks
+    are capped at ``MAX_CHUNK_ELEMENTS`` logits either way (the result does not depend on the chunking).
     """
     parts = (teacher,) if isinstance(teacher, Tensor) else tuple(teacher)
     if len(parts) not in (1, 2):
