@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "DistillationArguments": "arguments",
     "DistillationTrainer": "trainer",
-    "load_teacher": "trainer",
+    "load_teacher": "teachers",
     "TeacherColumnsCollator": "collator",
     "cache_teacher_outputs": "teacher_cache",
     "model_fingerprint": "teacher_cache",

@@ -407,6 +407,46 @@ def render_model_card(
     name (pass the repo id when pushing); `license` is written to the card data when given.
     """
     output_dir = Path(output_dir)
+    recipe, eval_results, report = _card_inputs(output_dir, recipe, eval_results, report)
+    # Names are judged (Hub id or local path) before scrubbing, which turns a path into its last part.
+    teacher, student = _model_entry(recipe.get("teacher")), _model_entry(recipe.get("student"))
+    dataset_rows = _dataset_rows(recipe.get("datasets") or [])
+    recipe, eval_results, report = scrub(dict(recipe)), scrub(dict(eval_results)), scrub(dict(report))
+    model_name = scrub(model_name or output_dir.resolve().name)
+    losses = recipe.get("losses") if isinstance(recipe.get("losses"), Mapping) else {}
+    arguments = recipe.get("arguments") if isinstance(recipe.get("arguments"), Mapping) else {}
+    layer_map = recipe.get("layer_map") if isinstance(recipe.get("layer_map"), Mapping) else {}
+    task = recipe.get("task")
+    pipeline_tag = _TASK_TO_PIPELINE.get(str(task), task if isinstance(task, str) else None)
+    datasets = [row["name"] for row in dataset_rows]
+    card_data = ModelCardData(
+        model_name=model_name, base_model=teacher["hub_id"],
+        datasets=[row["name"] for row in dataset_rows if row["link"]] or None, tags=list(CARD_TAGS),
+        library_name="transformers", pipeline_tag=pipeline_tag, license=license or recipe.get("license"),
+        eval_results=_eval_results(pipeline_tag, datasets[0] if datasets else None, eval_results, report) or None,
+    )
+    ratio = None
+    if _is_number(teacher["num_parameters"]) and _is_number(student["num_parameters"]) and student["num_parameters"]:
+        ratio = f"{teacher['num_parameters'] / student['num_parameters']:.1f}"
+    distill_args, training_args = _split_arguments(arguments, list(losses))
+    header, table = _report_table(report)
+    card = ModelCard.from_template(
+        card_data, template_path=str(_resolve_template(template_path)), model_title=model_name, task=task,
+        hf_distill_version=recipe.get("hf_distill_version"), teacher=teacher, student=student, param_ratio=ratio,
+        dataset_rows=dataset_rows, loss_rows=_loss_rows(losses), key_hyperparameters=_key_hyperparameters(losses, arguments),
+        layer_map_rows=_layer_map_rows(layer_map), distill_arguments=distill_args, training_arguments=training_args,
+        metric_rows=_metric_rows(eval_results), report_header=header, report_table=table,
+        report_summary=_report_summary(report), report_threads=report.get("threads"),
+        report_backend=report.get("backend"), plot="report.png" if (output_dir / "report.png").is_file() else None,
+        has_onnx=(output_dir / "onnx").is_dir(), has_int8=any(_row_role(str(row[0])) == "int8" for row in table),
+        citations=_citations(losses, arguments),
+    )
+    return _final_scrub(card, output_dir)
+
+
+def _card_inputs(output_dir: Path, recipe: Mapping[str, Any] | None, eval_results: Mapping[str, Any] | None,
+                 report: Mapping[str, Any] | None) -> tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]:
+    """The recipe, eval results and report given, or read from the folder when None."""
     if recipe is None:
         recipe = _read_json(output_dir / "distillation" / "recipe.json") or {}
         if not recipe:
@@ -415,68 +455,16 @@ def render_model_card(
         eval_results = _read_eval_results(output_dir)
     if report is None:
         report = _read_json(output_dir / "report.json") or {}
-    # Names are judged (Hub id or local path) before scrubbing, which turns a path into its last part.
-    teacher, student = _model_entry(recipe.get("teacher")), _model_entry(recipe.get("student"))
-    raw_datasets = recipe.get("datasets") or []
-    raw_datasets = [raw_datasets] if isinstance(raw_datasets, str) else [str(name) for name in raw_datasets]
-    dataset_rows = [
+    return recipe, eval_results, report
+
+
+def _dataset_rows(names: Any) -> list[dict[str, Any]]:
+    """One row per dataset: its (scrubbed) name and a Hub link when it is a Hub id."""
+    names = [names] if isinstance(names, str) else [str(name) for name in names]
+    return [
         {"name": scrub(name), "link": f"https://huggingface.co/datasets/{name}" if is_hub_id(name) else None}
-        for name in raw_datasets
+        for name in names
     ]
-    hub_datasets = [row["name"] for row in dataset_rows if row["link"]]
-    datasets = [row["name"] for row in dataset_rows]
-    recipe, eval_results, report = scrub(dict(recipe)), scrub(dict(eval_results)), scrub(dict(report))
-
-    model_name = scrub(model_name or output_dir.resolve().name)
-    losses = recipe.get("losses") if isinstance(recipe.get("losses"), Mapping) else {}
-    arguments = recipe.get("arguments") if isinstance(recipe.get("arguments"), Mapping) else {}
-    layer_map = recipe.get("layer_map") if isinstance(recipe.get("layer_map"), Mapping) else {}
-    task = recipe.get("task")
-    pipeline_tag = _TASK_TO_PIPELINE.get(str(task), task if isinstance(task, str) else None)
-
-    card_data = ModelCardData(
-        model_name=model_name,
-        base_model=teacher["hub_id"],
-        datasets=hub_datasets or None,
-        tags=list(CARD_TAGS),
-        library_name="transformers",
-        pipeline_tag=pipeline_tag,
-        license=license or recipe.get("license"),
-        eval_results=_eval_results(pipeline_tag, datasets[0] if datasets else None, eval_results, report) or None,
-    )
-    ratio = None
-    if _is_number(teacher["num_parameters"]) and _is_number(student["num_parameters"]) and student["num_parameters"]:
-        ratio = f"{teacher['num_parameters'] / student['num_parameters']:.1f}"
-    distill_args, training_args = _split_arguments(arguments, list(losses))
-    header, table = _report_table(report)
-    has_plot = (output_dir / "report.png").is_file()
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(_resolve_template(template_path)),
-        model_title=model_name,
-        task=task,
-        hf_distill_version=recipe.get("hf_distill_version"),
-        teacher=teacher,
-        student=student,
-        param_ratio=ratio,
-        dataset_rows=dataset_rows,
-        loss_rows=_loss_rows(losses),
-        key_hyperparameters=_key_hyperparameters(losses, arguments),
-        layer_map_rows=_layer_map_rows(layer_map),
-        distill_arguments=distill_args,
-        training_arguments=training_args,
-        metric_rows=_metric_rows(eval_results),
-        report_header=header,
-        report_table=table,
-        report_summary=_report_summary(report),
-        report_threads=report.get("threads"),
-        report_backend=report.get("backend"),
-        plot="report.png" if has_plot else None,
-        has_onnx=(output_dir / "onnx").is_dir(),
-        has_int8=any(_row_role(str(row[0])) == "int8" for row in table),
-        citations=_citations(losses, arguments),
-    )
-    return _final_scrub(card, output_dir)
 
 
 def _final_scrub(card: ModelCard, output_dir: Path) -> ModelCard:

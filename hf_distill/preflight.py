@@ -1,35 +1,14 @@
 """Preflight checks run before the first training step: memory, teacher quality, loss terms, one report.
 
-This module knows nothing of the Trainer. It takes models, numbers and plain mappings, and returns
-numbers, booleans and text, so the trainer (or a script) decides when to call it and what to refuse.
-
-Peak memory of one training step (:func:`estimate_peak_memory`), in bytes::
-
-    student weights + optimizer states + teacher weights           # resident for the whole run
-  + gradients                                                      # one per trainable parameter
-  + activations                                                    # saved by the student's forward for backward
-  + teacher forward                                                # one teacher layer's working set (no_grad)
-  + intermediate outputs                                           # teacher hidden states / attentions kept for
-                                                                   # the intermediate terms, projected student states
-  + logits and loss buffers                                        # student/teacher logits, loss gradient buffer
-
-A teacher sharded across processes (FSDP2 DTensors) counts its local shard only.
-
-Activations are measured, not guessed, when the student can run: a forward at batch 1 on three short
-sequence lengths under :func:`torch.autograd.graph.saved_tensors_hooks` records the bytes autograd keeps
-(parameters excluded, shared storages counted once). They grow as ``c0 + c1·s + c2·s²`` (the ``s²`` from
-materialised attention), so three points give the exact curve, scaled to the batch. That follows the
-attention implementation, dropout and activation functions of the real model on its real device. When the
-probe cannot run (no config, an unusual forward), an analytic rule per layer is used instead
-(``6h + 3i`` elements per token, plus ``2·a·s`` when attention weights are materialised).
-
-The gradients are counted in full although, with one accumulation step, the Trainer frees them before the
-next forward and they only partly overlap the activations: the total is meant as an upper bound for a refusal
-check, and the measured peak in ``tests/test_preflight.py`` sits within 30% below it.
+The report (:class:`PreflightReport`) and the memory estimate (:mod:`hf_distill.memory`) know nothing of the
+Trainer: they take models, numbers and plain mappings and return numbers, booleans and text.
+:func:`run_preflight`, the one function the trainer calls, gathers their inputs from a
+:class:`~hf_distill.trainer.DistillationTrainer`'s public methods and decides what to log and refuse.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -37,431 +16,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .tasks import detect_task, unwrap_model
+from .memory import MemoryEstimate, available_memory_bytes, estimate_peak_memory, format_bytes, saved_activation_bytes
+from .tasks import TARGET_KEYS, logit_rows, unwrap_model
 
-GiB = float(1024**3)
-MiB = float(1024**2)
-
-# Optimizer states per trainable parameter, in units of the parameter's element size
-# (8-bit variants: in bytes, see _optimizer_state_bytes).
-_STATES_PER_PARAM = {
-    "adamw": 2.0, "adam": 2.0, "lamb": 2.0, "adamw_8bit": 0.5, "adafactor": 0.0,
-    "sgd": 0.0, "sgd_momentum": 1.0, "adagrad": 1.0, "rmsprop": 1.0, "lion": 1.0,
-}
+logger = logging.getLogger(__name__)
 
 
 class PreflightError(ValueError):
     """A preflight check refused the run; the message names the fix (or ``force`` to override)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Memory estimate
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class MemoryEstimate:
-    """Bytes of the peak of one training step, by part (see the module doc). ``resident`` is what the
-    models already occupy on the target device (not needed again); ``notes`` says how parts were found."""
-
-    student_weights: int
-    student_gradients: int
-    optimizer_states: int
-    teacher_weights: int
-    activations: int
-    teacher_forward: int
-    logits_and_loss: int
-    intermediate_outputs: int = 0
-    resident: int = 0
-    gradient_accumulation_steps: int = 1
-    notes: list[str] = field(default_factory=list)
-
-    PARTS = ("student_weights", "student_gradients", "optimizer_states", "teacher_weights",
-             "activations", "teacher_forward", "intermediate_outputs", "logits_and_loss")
-
-    @property
-    def total(self) -> int:
-        """The estimated peak, in bytes.
-
-        With one accumulation step the Trainer frees the gradients before each forward (``zero_grad`` sets
-        them to None) and backward frees activations as it creates gradients, so the two take turns:
-        the peak holds the larger of (activations + teacher forward + logits) and the gradients. With
-        accumulation the gradients stay resident through the next micro-batch's forward, so both add up.
-        """
-        resident = self.student_weights + self.optimizer_states + self.teacher_weights
-        forward = self.activations + self.teacher_forward + self.intermediate_outputs + self.logits_and_loss
-        if self.gradient_accumulation_steps > 1:
-            return int(resident + forward + self.student_gradients)
-        return int(resident + max(forward, self.student_gradients))
-
-    @property
-    def additional(self) -> int:
-        """Bytes still to be allocated on the device: the total minus what is already resident there."""
-        return max(self.total - self.resident, 0)
-
-    def as_dict(self) -> dict[str, Any]:
-        """Every part in bytes, the total, and the notes (for JSON reports)."""
-        out: dict[str, Any] = {name: int(getattr(self, name)) for name in self.PARTS}
-        out.update(total=self.total, resident=int(self.resident), additional=self.additional, notes=list(self.notes))
-        return out
-
-    def summary(self) -> str:
-        """One line: total and parts in MiB/GiB."""
-        parts = ", ".join(f"{name.replace('_', ' ')} {format_bytes(getattr(self, name))}" for name in self.PARTS)
-        return f"{format_bytes(self.total)} ({parts})"
-
-
-def format_bytes(n: float) -> str:
-    """``1.23 GiB`` or ``45.6 MiB``."""
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
-
-
-@dataclass
-class _Dims:
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    vocab: int
-    attention_materialized: bool
-
-
-def _first_attr(config: Any, names: Iterable[str], default: Any = None) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def _dims(model: nn.Module) -> Optional[_Dims]:
-    """Transformer sizes from a model's config (BERT, GPT-2, Llama, DistilBERT, ... names), or None."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text_config = getattr(config, "text_config", None) or config
-    hidden = _first_attr(text_config, ("hidden_size", "n_embd", "d_model", "dim"))
-    layers = _first_attr(text_config, ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
-    heads = _first_attr(text_config, ("num_attention_heads", "n_head", "n_heads"))
-    if not (hidden and layers and heads):
-        return None
-    intermediate = _first_attr(text_config, ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim"), 4 * hidden)
-    implementation = getattr(config, "_attn_implementation", None) or "eager"
-    attention_dropout = _first_attr(text_config, ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout"), 0.0)
-    # eager always materialises [heads, s, s]; SDPA does too on its math path (dropout in training).
-    materialized = implementation == "eager" or (implementation == "sdpa" and float(attention_dropout) > 0)
-    vocab = int(getattr(text_config, "vocab_size", 0) or 0)
-    return _Dims(int(hidden), int(layers), int(heads), int(intermediate), vocab, materialized)
-
-
-def _bytes_of(tensors: Iterable[torch.Tensor], float_bytes: Optional[int] = None) -> int:
-    """Bytes of ``tensors`` on this process (a sharded DTensor counts its local shard); ``float_bytes``
-    overrides the element size of floating-point ones (a cast)."""
-    return int(sum(_local(t).numel() * (float_bytes if float_bytes and t.is_floating_point() else t.element_size())
-                   for t in tensors))
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The part of ``tensor`` this process holds: an FSDP2 DTensor's local shard, a ZeRO-3 partition."""
-    if hasattr(tensor, "to_local"):
-        return tensor.to_local()
-    return getattr(tensor, "ds_tensor", tensor)
-
-
-def _intermediate_output_bytes(teacher: nn.Module, batch_size: int, seq_length: int, hidden_states: bool,
-                               attentions: bool, projected_layers: int, element: int) -> int:
-    """Teacher hidden states (L + 1 of [b, s, h]) and attention maps (L of [b, heads, s, s]) returned for the
-    intermediate terms, plus the student's projected hidden states ([b, s, h_teacher] fp32 each)."""
-    dims = _dims(teacher)
-    if dims is None:
-        return 0
-    tokens = batch_size * seq_length
-    total = (dims.layers + 1) * tokens * dims.hidden * element if hidden_states else 0
-    total += dims.layers * tokens * dims.heads * seq_length * element if attentions else 0
-    return int(total + projected_layers * tokens * dims.hidden * 4)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _resident_bytes(model: Optional[nn.Module], device: torch.device) -> int:
-    if model is None:
-        return 0
-    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.device.type == device.type]
-    return _bytes_of({t.untyped_storage().data_ptr(): t for t in tensors}.values())
-
-
-def _optimizer_state_bytes(optimizer: str, trainable: list[torch.Tensor]) -> tuple[int, Optional[str]]:
-    name = str(optimizer).lower().removeprefix("optimizernames.")
-    if "8bit" in name or "bnb" in name:
-        key = "adamw_8bit"
-    elif name.startswith("sgd"):
-        key = "sgd_momentum" if "momentum" in name else "sgd"
-    else:
-        key = next((k for k in ("adafactor", "adamw", "adam", "lamb", "adagrad", "rmsprop", "lion") if k in name), None)
-    if key is None:
-        return _bytes_of(trainable) * 2, f"unknown optimizer {optimizer!r}: counted like AdamW (2 states)"
-    if key == "adamw_8bit":
-        return sum(2 * t.numel() for t in trainable), None
-    if key == "adafactor":  # factored second moments: one row and one column vector per matrix
-        return int(sum((sum(t.shape[-2:]) if t.dim() >= 2 else t.numel()) * 4 for t in trainable)), None
-    return int(_bytes_of(trainable) * _STATES_PER_PARAM[key]), None
-
-
-def _probe_inputs(model: nn.Module, length: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, max(vocab, 2), (1, length), device=device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if getattr(getattr(model, "config", None), "type_vocab_size", None):
-        inputs["token_type_ids"] = torch.zeros_like(ids)
-    return inputs
-
-
-def saved_activation_bytes(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> int:
-    """Bytes autograd saves for backward in one training-mode forward of ``model`` on ``inputs``.
-
-    Parameters are excluded; tensors sharing a storage count once. The RNG state and the train/eval mode
-    are restored afterwards, so the probe leaves no trace on training.
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params and storage.nbytes() > 0:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    device = _model_device(model)
-    was_training = model.training
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=rng_devices), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.train()
-            outputs = model(**inputs)
-            del outputs
-    finally:
-        model.train(was_training)
-    return int(sum(saved.values()))
-
-
-def _probe_activations(model: nn.Module, batch_size: int, seq_length: int, dims: _Dims) -> int:
-    """Saved bytes at batch 1 on three lengths, fitted as c0 + c1·s + c2·s², scaled to the batch."""
-    max_positions = _first_attr(getattr(model, "config", None), ("max_position_embeddings", "n_positions"), seq_length)
-    top = max(4, min(seq_length, int(max_positions), 64))
-    lengths = [max(top // 4, 1), max(top // 2, 2), top]
-    if len(set(lengths)) < 3:
-        lengths = [1, 2, 3]
-    device = _model_device(model)
-    values = [saved_activation_bytes(model, _probe_inputs(model, s, dims.vocab, device)) for s in lengths]
-    # Exact quadratic through the three points (Lagrange form), evaluated at seq_length.
-    total = 0.0
-    for i, (s_i, y_i) in enumerate(zip(lengths, values)):
-        basis = 1.0
-        for j, s_j in enumerate(lengths):
-            if j != i:
-                basis *= (seq_length - s_j) / (s_i - s_j)
-        total += y_i * basis
-    batch1 = max(total, values[-1] * seq_length / lengths[-1])  # never below linear growth
-    return int(batch1 * batch_size)
-
-
-def _analytic_activations(dims: _Dims, batch_size: int, seq_length: int, element_bytes: int) -> int:
-    per_token_layer = 6 * dims.hidden + 3 * dims.intermediate
-    if dims.attention_materialized:
-        per_token_layer += 2 * dims.heads * seq_length
-    per_token = per_token_layer * dims.layers + 4 * dims.hidden
-    return int(per_token * batch_size * seq_length * element_bytes)
-
-
-def _teacher_forward_bytes(teacher: nn.Module, batch_size: int, seq_length: int) -> int:
-    """One no_grad teacher layer in flight: residual stream, Q/K/V, attention scores and the MLP."""
-    dims = _dims(teacher)
-    element = next((p.element_size() for p in teacher.parameters()), 4)
-    if dims is None:
-        return 0
-    per_token = 5 * dims.hidden + 2 * dims.intermediate + (2 * dims.heads * seq_length if dims.attention_materialized else 0)
-    return int(per_token * batch_size * seq_length * element)
-
-
-def estimate_peak_memory(
-    student: nn.Module,
-    teacher: Optional[nn.Module],
-    *,
-    batch_size: int,
-    seq_length: int,
-    optimizer: str = "adamw",
-    gradient_accumulation_steps: int = 1,
-    dtype_bytes: int = 4,
-    task: Optional[str] = None,
-    vocab_or_labels: Optional[int] = None,
-    teacher_dtype_bytes: Optional[int] = None,
-    cached_topk: Optional[int] = None,
-    loss_chunk_size: int = 1024,
-    activation_method: str = "auto",
-    device: Union[str, torch.device, None] = None,
-    teacher_hidden_states: bool = False,
-    teacher_attentions: bool = False,
-    projected_layers: int = 0,
-    extra_parameters: Iterable[torch.Tensor] = (),
-) -> MemoryEstimate:
-    """Estimate the peak memory of one distillation training step (see the module doc for the parts).
-
-    Args:
-        student, teacher: the models (``teacher=None`` when training from cached teacher outputs).
-        batch_size: per-device micro-batch (what one forward sees).
-        seq_length: padded sequence length of a batch.
-        optimizer: ``adamw`` (also any ``adamw_torch*`` name), ``adafactor``, ``sgd``, ``adamw_8bit``, ...
-        gradient_accumulation_steps: above 1, gradients stay resident through the next forward (see ``total``).
-        dtype_bytes: bytes per activation element for the analytic rule (4 fp32, 2 with bf16 autocast).
-        task: the distillation task (detected from the student class when None).
-        vocab_or_labels: output width (vocabulary or number of labels); read from the config when None.
-        teacher_dtype_bytes: the teacher's element size if it will be cast (e.g. 2 for ``teacher_dtype=bfloat16``).
-        cached_topk: with ``teacher=None`` on a top-k cache, its k (else full cached logits are assumed).
-        loss_chunk_size: the trainer's ``loss_chunk_size`` (0: the token-level loss is not chunked).
-        activation_method: ``auto`` (probe, else analytic), ``probe`` or ``analytic``.
-        device: where training runs, for ``resident`` (default: the student's device).
-        teacher_hidden_states, teacher_attentions: the teacher also returns these (intermediate terms).
-        projected_layers: student hidden states mapped through a learned projection to the teacher's width.
-        extra_parameters: trained beside the student (the projections): weights, gradients, optimizer states.
-    """
-    if batch_size < 1 or seq_length < 1:
-        raise ValueError(f"batch_size and seq_length must be >= 1, got {batch_size} and {seq_length}.")
-    if activation_method not in ("auto", "probe", "analytic"):
-        raise ValueError(f"activation_method must be auto, probe or analytic, got {activation_method!r}.")
-    student = unwrap_model(student)
-    teacher = unwrap_model(teacher) if teacher is not None else None
-    notes: list[str] = []
-    task = task or detect_task(student)
-
-    extra = list(extra_parameters)
-    student_params = list(student.parameters()) + extra
-    trainable = [p for p in student_params if p.requires_grad]
-    student_weights = _bytes_of(student_params) + _bytes_of(student.buffers())
-    gradients = _bytes_of(trainable)
-    optimizer_states, note = _optimizer_state_bytes(optimizer, trainable)
-    if note:
-        notes.append(note)
-    teacher_weights = 0
-    if teacher is not None:
-        teacher_params = list(teacher.parameters()) + list(teacher.buffers())
-        teacher_weights = _bytes_of(teacher_params, teacher_dtype_bytes)
-
-    dims = _dims(student)
-    activations = 0
-    if activation_method in ("auto", "probe") and dims is not None:
-        try:
-            activations = _probe_activations(student, batch_size, seq_length, dims)
-            notes.append("activations: measured by a batch-1 probe and extrapolated")
-        except Exception as error:  # noqa: BLE001 - any forward failure falls back to the analytic rule
-            if activation_method == "probe":
-                raise
-            notes.append(f"activations: probe failed ({error.__class__.__name__}), analytic rule used")
-            activations = _analytic_activations(dims, batch_size, seq_length, dtype_bytes)
-    elif dims is not None:
-        activations = _analytic_activations(dims, batch_size, seq_length, dtype_bytes)
-        notes.append("activations: analytic rule")
-    else:
-        notes.append("activations: unknown architecture (no config); not counted")
-
-    teacher_forward = _teacher_forward_bytes(teacher, batch_size, seq_length) if teacher is not None else 0
-    intermediate_outputs = 0
-    if teacher is not None and (teacher_hidden_states or teacher_attentions or projected_layers):
-        element = teacher_dtype_bytes or next((p.element_size() for p in teacher.parameters()), 4)
-        intermediate_outputs = _intermediate_output_bytes(teacher, batch_size, seq_length, teacher_hidden_states,
-                                                          teacher_attentions, projected_layers, element)
-
-    # Logits and loss: rows × width for student logits, teacher targets and the loss gradient buffer.
-    width = vocab_or_labels
-    if width is None:
-        config = getattr(student, "config", None)
-        width = (dims.vocab if dims else 0) if task == "causal-lm" else 2 if task == "question-answering" else (
-            getattr(config, "num_labels", 2))
-    rows = batch_size * (1 if task == "sequence-classification" else seq_length)
-    student_elem = dtype_bytes
-    if teacher is not None:
-        teacher_elem = teacher_dtype_bytes or next((p.element_size() for p in teacher.parameters()), 4)
-        teacher_targets = rows * width * teacher_elem
-    elif cached_topk:
-        teacher_targets = rows * cached_topk * (4 + 8)  # fp32 log-probs and int64 indices after collation
-    else:
-        teacher_targets = rows * width * 4
-    # The loss keeps about 5.3 fp32 [rows, width] tensors (log-softmaxes, probabilities, their gradients)
-    # when computed at once; chunked, one gradient buffer for all rows plus that working set per chunk.
-    full = rows * width * 4
-    if loss_chunk_size <= 0 or rows <= loss_chunk_size:
-        loss_buffers = 5.3 * full
-    else:
-        loss_buffers = full + 5.3 * loss_chunk_size * width * 4
-    logits_and_loss = rows * width * student_elem + teacher_targets + loss_buffers
-
-    target = torch.device(device) if device is not None else _model_device(student)
-    resident = _resident_bytes(student, target) + _resident_bytes(teacher, target)
-    return MemoryEstimate(
-        student_weights=student_weights,
-        student_gradients=gradients,
-        optimizer_states=optimizer_states,
-        teacher_weights=teacher_weights,
-        activations=activations,
-        teacher_forward=teacher_forward,
-        intermediate_outputs=intermediate_outputs,
-        logits_and_loss=int(logits_and_loss),
-        resident=resident,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        notes=notes,
-    )
-
-
-def _cgroup_available() -> Optional[int]:
-    """Memory left under the cgroup limit (v2, else v1), or None without a limit."""
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            with open(limit_file) as f:
-                limit = f.read().strip()
-            with open(usage_file) as f:
-                usage = int(f.read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or int(limit) >= 1 << 60:
-            return None
-        return max(int(limit) - usage, 0)
-    return None
-
-
-def available_memory_bytes(device: Union[str, torch.device, None] = None) -> Optional[int]:
-    """Bytes this process can still allocate on ``device``, or None when unknown.
-
-    CUDA: free device memory (``torch.cuda.mem_get_info``) plus what PyTorch's cache holds but does not use.
-    CPU: ``MemAvailable`` from ``/proc/meminfo`` (``psutil`` elsewhere), capped by a cgroup limit if any.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        free, _ = torch.cuda.mem_get_info(index)
-        return int(free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index))
-    if device.type != "cpu":
-        return None
-    available: Optional[int] = None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if available is None:
-        try:
-            import psutil
-
-            available = int(psutil.virtual_memory().available)
-        except ImportError:
-            return None
-    limit = _cgroup_available()
-    return min(available, limit) if limit is not None else available
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,6 +68,7 @@ class PreflightReport:
         loss_weights: every configured loss term and its weight (``{"kd": 0.5, "ce": 0.5, "hidden": 0.0}``).
         inactive_terms: term name → why it cannot run here (e.g. ``"no labels in the dataset"``).
         memory / available_bytes: the estimate and what the device has left.
+        notes: further warnings about the recipe (e.g. terms that are not exact under accumulation).
     """
 
     teacher_metric: Optional[Mapping[str, float]] = None
@@ -517,6 +80,7 @@ class PreflightReport:
     inactive_terms: Mapping[str, str] = field(default_factory=dict)
     memory: Optional[MemoryEstimate] = None
     available_bytes: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
     margin: float = 0.02
 
     def teacher_at_chance(self) -> bool:
@@ -552,6 +116,7 @@ class PreflightReport:
             )
         for name, why in self.unused_terms().items():
             found.append(f"Loss term '{name}' has weight {self.loss_weights[name]:g} but will not run: {why}.")
+        found.extend(self.notes)
         if (
             self.memory is not None and self.available_bytes is not None and not self.memory_exceeded()
             and self.memory.additional > 0.8 * self.available_bytes
@@ -649,8 +214,158 @@ def compatibility_summary(teacher: Optional[nn.Module], student: nn.Module, task
     return f"{len(s_map)} labels ({names}); teacher label map [{verdict}]"
 
 
+# ----------------------------------------------------------------------------------------------
+# Gathering the inputs from a trainer
+# ----------------------------------------------------------------------------------------------
+def run_preflight(trainer: Any) -> PreflightReport:
+    """Measure the teacher, list labels and loss terms, estimate peak memory for a DistillationTrainer; log
+    one block; refuse (PreflightError) when the run cannot work unless ``preflight_force``. RNG states are
+    left untouched."""
+    args = trainer.args
+    devices = [args.device.index or 0] if args.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        batch = _first_training_batch(trainer)
+        metric, source, num_labels, majority = _teacher_metric(trainer)
+        report = PreflightReport(
+            teacher_metric=metric, teacher_metric_source=source, num_labels=num_labels, majority=majority,
+            compatibility=compatibility_summary(trainer.teacher, trainer.model, trainer.task),
+            loss_weights=configured_loss_terms(args), inactive_terms=inactive_loss_terms(trainer.task, batch),
+            memory=_memory_estimate(trainer, batch), available_bytes=available_memory_bytes(args.device),
+            notes=recipe_notes(args),
+        )
+    if trainer.is_world_process_zero():
+        problems = report.warnings() or report.errors()
+        (logger.warning if problems else logger.info)("%s", report.format())
+    if report.errors() and args.preflight_force:
+        logger.warning("Preflight errors ignored because preflight_force is set.")
+    report.check(force=args.preflight_force)
+    return report
+
+
+def configured_loss_terms(args: Any) -> dict[str, float]:
+    """Every configured loss term and its weight ({name: weight}); weight 0 means off. With an alpha schedule a
+    term counts as active if it is ever weighted."""
+    alpha = float(args.alpha)
+    terms = {"kd": alpha, "ce": round(1.0 - alpha, 10)}
+    if args.alpha_schedule != "constant" and args.alpha_end is not None:
+        terms = {"kd": max(alpha, args.alpha_end), "ce": round(1.0 - min(alpha, args.alpha_end), 10)}
+    terms.update({"hidden": args.hidden_weight, "attention": args.attention_weight, "relation": args.relation_weight})
+    return terms
+
+
+def inactive_loss_terms(task: str, batch: Optional[Mapping[str, Any]]) -> dict[str, str]:
+    """Configured terms that cannot apply with this data: {name: why}."""
+    if batch is not None and not any(k in batch for k in TARGET_KEYS[task]):
+        return {"ce": "no labels in the training batches, so the soft term gets weight 1"}
+    return {}
+
+
+def recipe_notes(args: Any) -> list[str]:
+    """Warnings about the recipe itself: RKD relates the samples of one micro-batch, so with gradient
+    accumulation it is not the loss of the whole batch."""
+    if getattr(args, "relation_weight", 0) > 0 and args.relation_loss.startswith("rkd") and args.gradient_accumulation_steps > 1:
+        return [
+            f"relation_loss={args.relation_loss} relates the samples of one micro-batch: with gradient_accumulation_steps="
+            f"{args.gradient_accumulation_steps} it is not the loss of the whole batch (batch B differs from B/k x k "
+            "accumulation). Use a larger per-device batch, or relation_loss=minilm, which is exact under accumulation."
+        ]
+    return []
+
+
+def _first_training_batch(trainer: Any) -> Optional[dict[str, Any]]:
+    if trainer.train_dataset is None:
+        return None
+    try:
+        return next(iter(trainer.get_train_dataloader()))
+    except StopIteration:
+        return None
+
+
+def _teacher_metric(trainer: Any) -> tuple[Optional[dict], str, Optional[int], Optional[float]]:
+    """(metric, source, num_labels, majority): the teacher's top-1 accuracy against the labels."""
+    limit = trainer.args.preflight_eval_batches
+    dataset = trainer.eval_dataset
+    if isinstance(dataset, dict):
+        dataset = next(iter(dataset.values()), None)
+    where = "eval set" if dataset is not None else "training batches (no eval_dataset)"
+    if limit == 0:
+        return None, "preflight_eval_batches=0", None, None
+    width = trainer.student_output_width()
+    num_labels = None if trainer.task == "question-answering" else width
+    counts = torch.zeros(2 + (width if num_labels else 1), device=trainer.args.device)  # correct, labelled, histogram
+    loader = trainer.get_eval_dataloader(dataset) if dataset is not None else trainer.get_train_dataloader()
+    batches = 0
+    try:
+        for batches, inputs in enumerate(loader, start=1):
+            counts += _teacher_batch_counts(trainer, trainer._prepare_inputs(inputs), width, num_labels)
+            if batches >= limit:
+                break
+    except ValueError as error:  # e.g. no teacher and no cached outputs in the eval set
+        return None, f"{where}: {error}", None, None
+    counts = trainer.accelerator.reduce(counts, "sum") if trainer.accelerator.num_processes > 1 else counts
+    correct, labelled, histogram = counts[0].item(), counts[1].item(), counts[2:]
+    if labelled == 0:
+        return None, f"{where}: no labels", None, None
+    majority = (histogram.max() / histogram.sum()).item() if num_labels else None
+    source = f"{where}, {batches} batch(es), {int(labelled)} labelled rows"
+    return {"accuracy": correct / labelled}, source, num_labels, majority
+
+
+def _teacher_batch_counts(trainer: Any, inputs: dict, width: int, num_labels: Optional[int]) -> torch.Tensor:
+    """[correct, labelled, histogram...] of the teacher's top-1 on one batch."""
+    counts = torch.zeros(2 + (width if num_labels else 1), device=trainer.args.device)
+    _, teacher_inputs, cached = trainer.split_inputs(inputs)
+    outputs = trainer.live_teacher_outputs(teacher_inputs, cached)
+    parts = trainer.teacher_targets(outputs, cached, trainer.current_temperature(), width)[0][0]
+    for r in logit_rows(trainer.task, parts[0], parts[0] if len(parts) == 1 else parts, inputs):
+        if r.labels is None:
+            continue
+        top1 = r.teacher[1][..., 0] if len(r.teacher) == 2 else r.teacher[0].argmax(-1)
+        valid = (r.weights > 0) & (r.labels != -100)
+        counts[0] += ((top1 == r.labels) & valid).sum()
+        counts[1] += valid.sum()
+        if num_labels:
+            counts[2:] += torch.bincount(r.labels[valid].long(), minlength=width)[:width].float()
+    return counts
+
+
+def _memory_estimate(trainer: Any, batch: Optional[dict[str, Any]]) -> MemoryEstimate:
+    """estimate_peak_memory with the trainer's models, batch shape, optimizer and intermediate terms."""
+    from .teachers import TEACHER_DTYPES
+
+    args, seq_length = trainer.args, 1
+    if batch is not None and torch.is_tensor(batch.get("input_ids")) and batch["input_ids"].dim() > 1:
+        seq_length = batch["input_ids"].shape[-1]
+    data = trainer.train_dataset
+    if hasattr(data, "column_names") and "input_ids" in (data.column_names or []) and hasattr(data, "__len__"):
+        seq_length = max([seq_length] + [len(ids) for ids in data[: min(len(data), 1024)]["input_ids"]])
+    indices = f"{args.teacher_topk_column_prefix}_indices"
+    topk = batch[indices].shape[-1] if trainer.teacher is None and batch is not None and indices in batch else None
+    dtype = TEACHER_DTYPES.get(args.teacher_dtype)
+    return estimate_peak_memory(
+        trainer.model, trainer.teacher, batch_size=args.per_device_train_batch_size, seq_length=seq_length,
+        optimizer=str(args.optim), gradient_accumulation_steps=args.gradient_accumulation_steps, task=trainer.task,
+        vocab_or_labels=trainer.student_output_width(),
+        teacher_dtype_bytes=None if dtype is None else torch.finfo(dtype).bits // 8,
+        cached_topk=topk, loss_chunk_size=args.loss_chunk_size, device=args.device,
+        **_intermediate_memory_settings(trainer.intermediate),
+    )
+
+
+def _intermediate_memory_settings(terms: Any) -> dict[str, Any]:
+    """What the intermediate terms add to the step's memory, in estimate_peak_memory's terms."""
+    if terms is None:
+        return {}
+    projections = terms.projections
+    return dict(
+        teacher_hidden_states=terms.needs_hidden_states, teacher_attentions=terms.needs_attentions,
+        projected_layers=0 if projections is None else len(terms.hidden_map),
+        extra_parameters=() if projections is None else list(projections.parameters()),
+    )
+
+
 __all__ = [
     "MemoryEstimate", "PreflightError", "PreflightReport", "available_memory_bytes", "chance_level",
     "compatibility_summary", "estimate_peak_memory", "format_bytes", "format_preflight_report",
-    "majority_fraction", "saved_activation_bytes", "teacher_is_at_chance",
+    "configured_loss_terms", "inactive_loss_terms", "majority_fraction", "recipe_notes", "run_preflight", "saved_activation_bytes", "teacher_is_at_chance",
 ]

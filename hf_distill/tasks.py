@@ -115,6 +115,24 @@ class LogitRows:
     weights: torch.Tensor
 
 
+def agreement_counts(rows: Sequence[LogitRows]) -> dict[str, torch.Tensor]:
+    """Counts for evaluation: rows where student and teacher top-1 agree, and the teacher's correct rows.
+
+    Returns ``{"agree", "rows", "teacher_correct", "labelled"}`` (tensors; a top-k teacher's top-1 is its first index).
+    """
+    counts: dict[str, torch.Tensor] = {}
+    for r in rows:
+        teacher_top1 = r.teacher[1][..., 0] if len(r.teacher) != 1 else r.teacher[0].argmax(-1)
+        valid = r.weights > 0
+        new = {"agree": ((r.student.argmax(-1) == teacher_top1) & valid).sum(), "rows": valid.sum()}
+        if r.labels is not None:
+            labelled = valid & (r.labels != IGNORE_INDEX)
+            new.update(teacher_correct=((teacher_top1 == r.labels) & labelled).sum(), labelled=labelled.sum())
+        for name, value in new.items():
+            counts[name] = counts.get(name, 0) + value
+    return counts
+
+
 def _rows(x: torch.Tensor, n_leading: int) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if n_leading > 1 else x
 

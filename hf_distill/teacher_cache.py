@@ -132,6 +132,85 @@ def with_fast_teacher_columns(dataset: Any, columns: Sequence[str]) -> Any:
     return dataset.with_format("numpy", columns=present, output_all_columns=True)
 
 
+class CachedTeacherColumns:
+    """The cached teacher columns of a run's datasets: their names (from the arguments), whether the datasets
+    have them, the checks against the student, and the targets of one batch."""
+
+    def __init__(self, args: Any, train_dataset: Any, eval_dataset: Any) -> None:
+        self.args = args
+        prefix = args.teacher_topk_column_prefix
+        self.logits_column, self.topk_prefix = args.teacher_logits_column, prefix
+        self.columns = (args.teacher_logits_column,) + tuple(f"{prefix}_{suffix}" for suffix in TOPK_SUFFIXES)
+        self.train_dataset = train_dataset
+        datasets_ = [train_dataset] + (list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset])
+        self.dataset_columns = {c for d in datasets_ for c in (getattr(d, "column_names", None) or [])}
+
+    @property
+    def present(self) -> bool:
+        """Whether some dataset carries cached teacher outputs (full logits or top-k)."""
+        return self.logits_column in self.dataset_columns or f"{self.topk_prefix}_indices" in self.dataset_columns
+
+    def check_width(self, width: int) -> None:
+        """Cached teacher outputs must have the student's output width (labels, positions or vocabulary)."""
+        dataset = self.train_dataset
+        columns = getattr(dataset, "column_names", None) or []
+        if self.logits_column in columns:
+            cached = torch.as_tensor(dataset[0][self.logits_column])
+            if cached.shape[-1] != width:
+                raise ValueError(
+                    f"Cached teacher logits have {cached.shape[-1]} values per row but the student outputs {width}. "
+                    "Re-cache with cache_teacher_outputs() using a teacher that matches the student."
+                )
+        indices = f"{self.topk_prefix}_indices"
+        if indices in columns and int(torch.as_tensor(dataset[0][indices]).max()) >= width:
+            raise ValueError(
+                f"Cached top-k token ids go beyond the student's vocabulary of {width}. Re-cache with a teacher "
+                "that shares the student's tokenizer and vocabulary."
+            )
+
+    def fast(self, dataset: Any) -> Any:
+        """``dataset`` (or a dict of them) reading the cached columns as numpy arrays."""
+        if isinstance(dataset, dict):
+            return {k: with_fast_teacher_columns(v, self.columns) for k, v in dataset.items()}
+        return with_fast_teacher_columns(dataset, self.columns)
+
+    def targets(self, cached: dict, temperature: float) -> tuple[torch.Tensor, ...]:
+        """The batch's cached teacher targets: (full logits,) or (top-k log-probs, indices)."""
+        if self.logits_column in cached:
+            return (cached[self.logits_column],)
+        prefix = self.topk_prefix
+        if f"{prefix}_indices" not in cached:
+            raise ValueError(
+                "No teacher outputs for this batch: pass `teacher_model` or cache its outputs into the dataset "
+                "with hf_distill.cache_teacher_outputs()."
+            )
+        cache_temperature = cached.get(f"{prefix}_temperature")
+        if cache_temperature is not None and not torch.allclose(cache_temperature.float(), torch.tensor(temperature)):
+            raise ValueError(
+                f"The top-k cache was made at temperature {cache_temperature.flatten()[0].item()} but training uses "
+                f"{temperature}; re-cache with the training temperature or set --temperature to match (and keep "
+                "--temperature_schedule constant)."
+            )
+        return cached[f"{prefix}_log_probs"], cached[f"{prefix}_indices"]
+
+
+def _check_cache_arguments(teacher: nn.Module, dataset: Any, task: Optional[str], top_k: Optional[int],
+                           temperature: float, input_prefix: str) -> str:
+    """Refuse what cannot be cached, with the fix; returns the task."""
+    if len(dataset) == 0:
+        raise ValueError("The dataset to cache teacher outputs for is empty.")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    task = task or detect_task(teacher)
+    if top_k is not None and task != "causal-lm":
+        raise ValueError("top_k caching is for causal language models; classification heads are cached in full.")
+    if input_prefix + "input_ids" not in dataset.column_names:
+        raise ValueError(f"The dataset has no {input_prefix}input_ids column; tokenize it before caching.")
+    return task
+
+
 def cache_teacher_outputs(
     teacher: nn.Module,
     dataset: "datasets.Dataset",  # noqa: F821
@@ -157,17 +236,7 @@ def cache_teacher_outputs(
             implicitly, as 1 − their sum). ``None`` stores full logits.
         temperature: temperature of the stored top-k log-probabilities; training must use the same.
     """
-    if len(dataset) == 0:
-        raise ValueError("The dataset to cache teacher outputs for is empty.")
-    if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k must be a positive integer, got {top_k}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    task = task or detect_task(teacher)
-    if top_k is not None and task != "causal-lm":
-        raise ValueError("top_k caching is for causal language models; classification heads are cached in full.")
-    if input_prefix + "input_ids" not in dataset.column_names:
-        raise ValueError(f"The dataset has no {input_prefix}input_ids column; tokenize it before caching.")
+    task = _check_cache_arguments(teacher, dataset, task, top_k, temperature, input_prefix)
     if pad_token_id is None:
         pad_token_id = getattr(getattr(teacher, "config", None), "pad_token_id", None) or 0
     was_training = teacher.training

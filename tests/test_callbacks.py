@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from hf_distill import DistillationTrainer
 from hf_distill.callbacks import NonFiniteLossCounter, NonFiniteLossError, SignalCheckpointCallback
 from hf_distill.io import atomic_directory, last_complete_checkpoint
+from hf_distill.teachers import compile_teacher
 from single_thread import one_thread  # noqa: F401  (autouse)
 from tiny_models import distill_args, sentiment_dataset, tiny_bert
 
@@ -246,4 +247,4 @@ def test_compiled_teacher_and_student_give_the_same_losses(tmp_path):
         trainer.train()
         losses[compiled] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
-    assert hasattr(trainer._compile_teacher(tiny_bert(seed=3)), "_orig_mod")
+    assert hasattr(compile_teacher(tiny_bert(seed=3), trainer.args), "_orig_mod")

@@ -19,6 +19,7 @@ from hf_distill.preflight import (
     available_memory_bytes,
     chance_level,
     compatibility_summary,
+    configured_loss_terms,
     estimate_peak_memory,
     format_preflight_report,
     majority_fraction,
@@ -306,7 +307,7 @@ def test_preflight_passes_a_teacher_that_knows_the_labels(tmp_path, caplog):
 def test_preflight_reports_unused_and_zero_weight_terms(tmp_path):
     data, _ = sentiment_dataset(32)
     unlabelled = _trainer(tmp_path / "a", data.remove_columns("label"))
-    assert unlabelled.active_loss_terms() == {"kd": 0.5, "ce": 0.5, "hidden": 0.0, "attention": 0.0, "relation": 0.0}
+    assert configured_loss_terms(unlabelled.args) == {"kd": 0.5, "ce": 0.5, "hidden": 0.0, "attention": 0.0, "relation": 0.0}
     unlabelled.train()
     report = unlabelled.preflight_report
     assert set(report.unused_terms()) == {"ce"} and report.active_terms() == {"kd": 0.5}
@@ -324,9 +325,9 @@ def test_preflight_reports_unused_and_zero_weight_terms(tmp_path):
 
 
 def test_preflight_refuses_when_memory_does_not_fit_unless_forced(tmp_path, monkeypatch):
-    import hf_distill.trainer as trainer_module
+    import hf_distill.preflight as preflight_module
 
-    monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda device=None: 1024)
+    monkeypatch.setattr(preflight_module, "available_memory_bytes", lambda device=None: 1024)
     refused = _trainer(tmp_path / "a")
     with pytest.raises(PreflightError, match="estimated peak memory .* only 0.0 MiB is available"):
         refused.train()
