@@ -348,7 +348,7 @@ def collate_aligned(features: Sequence[Mapping[str, Sequence[Any]]], student_pad
         batch[f"{side}_labels"] = _pad([f[f"{side}_labels"] for f in features], IGNORE_INDEX, torch.long)
         batch[f"{side}_group_ids"] = _pad([f[f"{side}_group_ids"] for f in features], NO_GROUP, torch.long)
         batch[f"{side}_unaligned"] = _pad([f[f"{side}_unaligned"] for f in features], False, torch.bool)
-    groups = int(max(batch["student_group_ids"].max(initial=-1), batch["teacher_group_ids"].max(initial=-1))) + 1
+    groups = max((max([*f["student_group_ids"], *f["teacher_group_ids"]], default=-1) for f in features), default=-1) + 1
     for side in ("student", "teacher"):
         ids = batch[f"{side}_group_ids"]
         counts = torch.zeros(len(features), groups + 1, dtype=torch.long)
