@@ -109,7 +109,8 @@ def _group_texts(example, side_name: str, kind: str, tok) -> dict[int, str]:
     return texts
 
 
-@pytest.mark.parametrize("student,teacher", [("sp", "gpt2"), ("gpt2", "sp"), ("bert", "gpt2"), ("sp", "bert")])
+@pytest.mark.parametrize("student,teacher", [("sp", "gpt2"), ("gpt2", "sp"), ("bert", "gpt2"), ("gpt2", "bert"),
+                                             ("sp", "bert"), ("bert", "sp")])
 @pytest.mark.parametrize("text", TEXTS)
 def test_groups_cover_the_same_text_on_both_sides(toks, student, teacher, text):
     ex = align_example(toks[student], toks[teacher], "Q: hi", text)
