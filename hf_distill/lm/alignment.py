@@ -267,8 +267,12 @@ def _side_texts(tokenizer: Any, prompt: Any, content: str, role: str) -> tuple[l
     return prompt_ids, content, 0
 
 
-def _encode_side(tokenizer: Any, prompt: Any, content: str, role: str, add_eos: bool) -> SideEncoding:
-    """Tokenize one side and pick the completion tokens that take part in the alignment."""
+def _encode_side(tokenizer: Any, prompt: Any, content: str, role: str, add_eos: bool) -> tuple[SideEncoding, list[bool]]:
+    """Tokenize one side and pick the completion tokens that take part in the alignment.
+
+    Also returns, per such token, whether it must stay unaligned (it straddles the content's edge, or is a
+    special token inside the content).
+    """
     require_fast_tokenizer(tokenizer, role)
     prompt_ids, completion, start = _side_texts(tokenizer, prompt, content, role)
     enc = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True) if completion else None
@@ -294,8 +298,7 @@ def _encode_side(tokenizer: Any, prompt: Any, content: str, role: str, add_eos: 
         side.spans.append((max(lo, start) - start, min(hi, end) - start))
         side.strings.append(strings[i])
         bad.append(not inside or token_id in special)
-    side.unaligned = bad  # temporarily: the bad flags of the content tokens, replaced in align_example
-    return side
+    return side, bad
 
 
 def align_example(student_tokenizer: Any, teacher_tokenizer: Any, prompt: Any, completion: str,
@@ -306,12 +309,11 @@ def align_example(student_tokenizer: Any, teacher_tokenizer: Any, prompt: Any, c
     renders its own chat template); ``completion`` is the assistant text. Both tokenizers must be fast.
     """
     content = completion if isinstance(completion, str) else str(completion)
-    student = _encode_side(student_tokenizer, prompt, content, "student", add_eos)
-    teacher = _encode_side(teacher_tokenizer, prompt, content, "teacher", add_eos)
+    student, s_bad = _encode_side(student_tokenizer, prompt, content, "student", add_eos)
+    teacher, t_bad = _encode_side(teacher_tokenizer, prompt, content, "teacher", add_eos)
     s_group, t_group, spans = align_offsets(student.spans, teacher.spans, content, student.strings, teacher.strings,
-                                            student.unaligned, teacher.unaligned)
+                                            s_bad, t_bad)
     for side, groups in ((student, s_group), (teacher, t_group)):
-        side.unaligned = [False] * len(side.input_ids)
         for position, group in zip(side.positions, groups):
             side.group_ids[position] = group
             side.unaligned[position] = group == NO_GROUP
