@@ -1,0 +1,288 @@
+"""Losses between a student and a teacher with different tokenizers, over aligned token groups.
+
+The groups come from :mod:`hf_distill.lm.alignment`: each group covers the same characters of the
+completion on both sides, with one or more tokens on each side. Here everything is a pure tensor
+function on flat rows:
+
+* row ``r`` of ``*_logits`` is the distribution that predicted token ``*_token_ids[r]`` (the caller
+  shifts causal-LM logits by one), and ``*_group_ids[r]`` is that token's group (``-1``: none; for a
+  batch, make ids unique across examples with :func:`flatten_group_ids`);
+* ``p`` is the teacher distribution, ``q`` the student's, both softened by the temperature ``T``.
+
+Per group, :func:`cross_tokenizer_group_losses` uses
+
+* the **shared-vocabulary forward KL** (:func:`shared_vocab_forward_kl`) when the group is one token
+  on each side and that token pair is in the :class:`VocabMapping`; with identical tokenizers every
+  group is of this kind and the loss equals the same-tokenizer forward KL;
+* otherwise **ULD** (Boizard et al. 2024, :func:`uld_distance`) between the group distributions of
+  :func:`group_log_probs` (a multi-token group's text probability, on its first token's row).
+
+Only ``torch`` is imported here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+SCHEMES = ("byte_level", "sentencepiece", "wordpiece", "raw")
+OTHER_BIN_FLOOR = 1e-12  # the student's "other" bin never drops below this mass, so the KL stays finite
+_LOG_OTHER_FLOOR = math.log(OTHER_BIN_FLOOR)
+
+
+# ----------------------------------------------------------------------------------------------
+# The vocabulary mapping, built once from the two vocabularies
+# ----------------------------------------------------------------------------------------------
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + shifted)] = byte
+            shifted += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_table()
+
+
+def token_bytes(token: str, scheme: str) -> tuple[bytes, int] | None:
+    """The text a vocabulary entry stands for, as bytes, and a priority (0 normal piece, 1 byte fallback).
+
+    ``byte_level``: GPT-2's alphabet (``Ġ`` is a space); ``sentencepiece``: ``▁`` is a space and
+    ``<0xNN>`` the byte NN; ``wordpiece``: ``##x`` continues a word (``x``), any other piece starts one
+    after a space (`` x``); ``raw``: the string itself. ``None`` when the string is not in the scheme.
+    """
+    if scheme == "byte_level":
+        if not all(c in _BYTE_LEVEL for c in token):
+            return None
+        return bytes(_BYTE_LEVEL[c] for c in token), 0
+    if scheme == "sentencepiece":
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            try:
+                return bytes([int(token[3:5], 16)]), 1
+            except ValueError:
+                pass
+        return token.replace("▁", " ").encode(), 0
+    if scheme == "wordpiece":
+        return (token[2:] if token.startswith("##") else " " + token).encode(), 0
+    if scheme == "raw":
+        return token.encode(), 0
+    raise ValueError(f"Unknown tokenizer scheme {scheme!r}; choose one of {', '.join(SCHEMES)}.")
+
+
+def _canonical(vocab: Mapping[str, int], scheme: str) -> dict[bytes, int]:
+    """Bytes -> id of the entries of one vocabulary; collisions keep the best (priority, id)."""
+    best: dict[bytes, tuple[int, int]] = {}
+    for token, index in vocab.items():
+        decoded = token_bytes(token, scheme)
+        if decoded is not None and (decoded[0] not in best or (decoded[1], index) < best[decoded[0]]):
+            best[decoded[0]] = (decoded[1], index)
+    return {key: index for key, (_, index) in best.items()}
+
+
+@dataclass(frozen=True)
+class VocabMapping:
+    """Index pairs of the entries two vocabularies share: ``student_ids[k]`` ↔ ``teacher_ids[k]``."""
+
+    student_ids: Tensor
+    teacher_ids: Tensor
+    student_to_teacher: Tensor  # [max student id + 1], the teacher id of a shared student id, else -1
+
+    def __len__(self) -> int:
+        return int(self.student_ids.numel())
+
+    def pair_is_shared(self, student_token_ids: Tensor, teacher_token_ids: Tensor) -> Tensor:
+        """True where the student token and the teacher token are the same shared entry."""
+        table = self.student_to_teacher.to(student_token_ids.device)
+        inside = student_token_ids < table.numel()
+        mapped = table[student_token_ids.clamp(max=table.numel() - 1)]
+        return inside & (mapped == teacher_token_ids)
+
+
+def build_vocab_mapping(
+    student_vocab: Mapping[str, int],
+    teacher_vocab: Mapping[str, int],
+    student_scheme: str,
+    teacher_scheme: str,
+    student_special: Collection[str] = (),
+    teacher_special: Collection[str] = (),
+) -> VocabMapping:
+    """Pair the entries of two vocabularies (``tokenizer.get_vocab()``) that stand for the same text.
+
+    Special tokens match only by their exact string; with the same scheme on both sides, so do all entries
+    (identical vocabularies map completely). The other entries match on the bytes they stand for
+    (:func:`token_bytes`), so ``▁the`` (SentencePiece), ``Ġthe`` (byte-level) and ``the`` (WordPiece,
+    word-initial) pair up, as do ``<0xE2>`` and ``â``. Where several entries of one vocabulary stand for
+    the same bytes, the normal piece wins over the byte fallback (it is the one the tokenizer emits).
+    """
+    exact = set(student_special) & set(teacher_special) & student_vocab.keys() & teacher_vocab.keys()
+    if student_scheme == teacher_scheme:  # the same string in the same convention is the same text
+        exact |= (student_vocab.keys() & teacher_vocab.keys()) - set(student_special) - set(teacher_special)
+    pairs = sorted((student_vocab[token], teacher_vocab[token]) for token in exact)
+    done_s, done_t = {s for s, _ in pairs}, {t for _, t in pairs}
+    rest_s = {k: v for k, v in student_vocab.items() if v not in done_s and k not in student_special}
+    rest_t = {k: v for k, v in teacher_vocab.items() if v not in done_t and k not in teacher_special}
+    student, teacher = _canonical(rest_s, student_scheme), _canonical(rest_t, teacher_scheme)
+    pairs = sorted(pairs + [(student[key], teacher[key]) for key in student.keys() & teacher.keys()])
+    student_ids = torch.tensor([s for s, _ in pairs], dtype=torch.long)
+    teacher_ids = torch.tensor([t for _, t in pairs], dtype=torch.long)
+    table = torch.full((max(student_vocab.values(), default=-1) + 1,), -1, dtype=torch.long)
+    table[student_ids] = teacher_ids
+    return VocabMapping(student_ids, teacher_ids, table)
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergences
+# ----------------------------------------------------------------------------------------------
+def _log_other(log_probs: Tensor, shared_ids: Tensor) -> Tensor:
+    """log Σ_{v not shared} exp(log_probs_v), per row; -inf when every entry is shared."""
+    outside = torch.ones(log_probs.shape[-1], dtype=torch.bool, device=log_probs.device)
+    outside[shared_ids.to(log_probs.device)] = False
+    if not bool(outside.any()):  # no gradient path through an empty logsumexp (its gradient is NaN)
+        return log_probs.new_full(log_probs.shape[:-1] + (1,), -math.inf)
+    return log_probs[..., outside].logsumexp(-1, keepdim=True)
+
+
+def shared_vocab_forward_kl(
+    student_logits: Tensor, teacher_logits: Tensor, mapping: VocabMapping, temperature: float = 1.0
+) -> Tensor:
+    """T² · KL(P ‖ Q) per row over the K shared entries plus one "other" bin.
+
+    p = softmax(z_t / T), q = softmax(z_s / T);
+    P = (p_{t_1}, …, p_{t_K}, 1 − Σ_k p_{t_k}),  Q = (q_{s_1}, …, q_{s_K}, max(1 − Σ_k q_{s_k}, 1e-12)),
+    with (s_k, t_k) the pairs of ``mapping``. The other bin keeps both distributions whole: the mass a side
+    puts outside the shared entries is compared as one outcome, so a student cannot hide mass there
+    unpunished (renormalising over the shared entries would ignore it), and with identical vocabularies
+    the bin is empty and the loss is exactly the forward KL over the full vocabulary.
+    """
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_ids, student_ids = mapping.teacher_ids.to(log_p.device), mapping.student_ids.to(log_q.device)
+    big_p = torch.cat([log_p[..., teacher_ids], _log_other(log_p, teacher_ids)], dim=-1)
+    big_q = torch.cat([log_q[..., student_ids], _log_other(log_q, student_ids).clamp_min(_LOG_OTHER_FLOOR)], dim=-1)
+    p = big_p.exp()
+    return (p * (big_p - big_q)).masked_fill(p == 0, 0.0).sum(-1) * temperature**2
+
+
+def uld_distance(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024): Σ_i |sort↓(q)_i − sort↓(p)_i| per row.
+
+    Each row is sorted in decreasing order, and the shorter vocabulary is padded with zeros.
+    """
+    q = student_probs.float().sort(dim=-1, descending=True).values
+    p = teacher_probs.float().sort(dim=-1, descending=True).values
+    width = max(q.shape[-1], p.shape[-1])
+    q = F.pad(q, (0, width - q.shape[-1]))
+    p = F.pad(p, (0, width - p.shape[-1]))
+    return (q - p).abs().sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups of tokens
+# ----------------------------------------------------------------------------------------------
+def flatten_group_ids(group_ids: Tensor, groups_per_example: int) -> Tensor:
+    """Per-example group ids [B, L] -> ids unique in the batch: g + b · G (``-1`` stays ``-1``)."""
+    offsets = torch.arange(group_ids.shape[0], device=group_ids.device).unsqueeze(1) * groups_per_example
+    return torch.where(group_ids >= 0, group_ids + offsets, group_ids)
+
+
+def _first_rows(group_ids: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(group of each row, with ``num_groups`` for rows of no group; [G + 1] first row of each group, N if
+    none; [G] rows per group)."""
+    n = group_ids.numel()
+    gid = torch.where(group_ids >= 0, group_ids, num_groups)
+    rows = torch.arange(n, device=group_ids.device)
+    first = torch.full((num_groups + 1,), n, dtype=torch.long, device=group_ids.device)
+    first = first.scatter_reduce(0, gid, rows, reduce="amin")
+    counts = torch.zeros(num_groups + 1, dtype=torch.long, device=group_ids.device).index_add(0, gid, torch.ones_like(gid))
+    return gid, first, counts[:num_groups]
+
+
+def group_log_probs(log_probs: Tensor, token_ids: Tensor, group_ids: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """log r_g(v) = log p_f(v) + Σ_{j ∈ g, j ≠ f} log p_j(x_j), with f the first row of group g.
+
+    r_g is the first token's distribution scaled by the probability of the group's later tokens, so
+    r_g(x_f) = Π_{j ∈ g} p_j(x_j) is the probability of the group's text (chain rule). The first row is
+    the one both sides predict from the same text (the completion up to the group); later rows
+    condition on this side's own partial tokens, which have no counterpart on the other side (GOLD's
+    "observed" merge). Returns ([G, V] log-values, -inf for a group without rows; [G] True where it has rows).
+    """
+    n = log_probs.shape[0]
+    gid, first, _ = _first_rows(group_ids, num_groups)
+    present = first[:num_groups] < n
+    if n == 0:
+        return log_probs.new_full((num_groups, log_probs.shape[-1]), -math.inf), present
+    own = log_probs.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    later = (group_ids >= 0) & (torch.arange(n, device=log_probs.device) != first[gid])
+    rest = log_probs.new_zeros(num_groups + 1).index_add(0, gid, torch.where(later, own, 0.0))[:num_groups]
+    base = log_probs[first[:num_groups].clamp(max=n - 1)]
+    return torch.where(present.unsqueeze(-1), base + rest.unsqueeze(-1), -math.inf), present
+
+
+class GroupLosses(NamedTuple):
+    """Per-group loss ``[G]``; ``uses_kl``: groups scored by the shared-vocabulary KL (else ULD);
+    ``valid``: groups with rows on both sides (others have loss 0, e.g. after truncation)."""
+
+    loss: Tensor
+    uses_kl: Tensor
+    valid: Tensor
+
+
+def cross_tokenizer_group_losses(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_token_ids: Tensor,
+    teacher_token_ids: Tensor,
+    student_group_ids: Tensor,
+    teacher_group_ids: Tensor,
+    num_groups: int,
+    mapping: VocabMapping,
+    temperature: float = 1.0,
+    mode: str = "hybrid",
+) -> GroupLosses:
+    """One loss per aligned group, from flat rows of both sides (see the module docstring).
+
+    ``mode="hybrid"``: a group of one token per side whose pair is shared (``mapping``) gets
+    T² · KL(P ‖ Q) of :func:`shared_vocab_forward_kl`; every other group gets
+    ULD(r^s_g, r^t_g) = Σ_i |sort↓(r^s_g)_i − sort↓(r^t_g)_i| with r_g of :func:`group_log_probs` on
+    softmax(z / T) (no T² factor). ``mode="uld"``: ULD for every group. Rows of no group are ignored.
+    """
+    if mode not in ("hybrid", "uld"):
+        raise ValueError(f"Unknown cross-tokenizer loss mode {mode!r}; choose 'hybrid' or 'uld'.")
+    s_keep, t_keep = student_group_ids >= 0, teacher_group_ids >= 0
+    s_logits, t_logits = student_logits[s_keep], teacher_logits[t_keep]
+    s_tok, t_tok = student_token_ids[s_keep].long(), teacher_token_ids[t_keep].long()
+    s_gid, t_gid = student_group_ids[s_keep].long(), teacher_group_ids[t_keep].long()
+    _, s_first, s_counts = _first_rows(s_gid, num_groups)
+    _, t_first, t_counts = _first_rows(t_gid, num_groups)
+    valid = (s_counts > 0) & (t_counts > 0)
+    s_first, t_first = s_first[:num_groups].clamp(max=max(s_tok.numel() - 1, 0)), t_first[:num_groups].clamp(
+        max=max(t_tok.numel() - 1, 0))
+    uses_kl = torch.zeros_like(valid)
+    if mode == "hybrid" and bool(valid.any()):
+        single = valid & (s_counts == 1) & (t_counts == 1)
+        uses_kl = single & mapping.pair_is_shared(s_tok[s_first], t_tok[t_first])
+    loss = student_logits.new_zeros(num_groups, dtype=torch.float32)
+    kl_idx = uses_kl.nonzero().squeeze(-1)
+    if kl_idx.numel():
+        kl = shared_vocab_forward_kl(s_logits[s_first[kl_idx]], t_logits[t_first[kl_idx]], mapping, temperature)
+        loss = loss.index_put((kl_idx,), kl)
+    uld_idx = (valid & ~uses_kl).nonzero().squeeze(-1)
+    if uld_idx.numel():
+        s_log = F.log_softmax(s_logits.float() / temperature, dim=-1)
+        t_log = F.log_softmax(t_logits.float() / temperature, dim=-1)
+        s_r, _ = group_log_probs(s_log, s_tok, s_gid, num_groups)
+        t_r, _ = group_log_probs(t_log, t_tok, t_gid, num_groups)
+        loss = loss.index_put((uld_idx,), uld_distance(s_r[uld_idx].exp(), t_r[uld_idx].exp()))
+    return GroupLosses(loss, uses_kl, valid)
