@@ -21,11 +21,13 @@ Why text made only of kept tokens tokenizes exactly as before:
   base alphabet, i.e. every token no merge produces), so any text still encodes and decodes losslessly;
   text outside the kept vocabulary just takes more, shorter tokens. The same holds for any BPE without an unknown
   token, and `byte_fallback` models keep their 256 ``<0x..>`` tokens.
-* **Unigram** (SentencePiece) picks the segmentation of highest total score. Dropping pieces keeps the original
-  best segmentation available and only removes others, so it stays the best (up to exact score ties). Two
-  details keep the lattice identical otherwise: the single-character piece of every character of a kept piece is
-  kept (a character without one gets an unknown node), and the lowest-scored piece is kept (the unknown node's
-  score is the minimum score minus 10).
+* **Unigram** (SentencePiece) picks the segmentation of highest total score; a character with no
+  single-character piece gets an unknown node scored (lowest piece score) - 10. The lowest-scored piece is always
+  kept, so that score does not change. Then every segmentation of the trimmed vocabulary is an original one with
+  some single-character pieces replaced by unknown nodes, which score lower than any piece: none beats the
+  original best segmentation, which is still available, so it stays the best (up to exact score ties). Without
+  that piece the unknown node gets cheaper and can win (tested). The single-character piece of every character of
+  a kept piece is kept too, so unseen words made of known characters do not become unknown.
 
 `trim_vocabulary` checks this on the given texts: the rewritten tokenizer must give the remapped ids of the
 original on every text whose tokens are all kept, or it raises.

@@ -11,7 +11,8 @@ from collections import Counter
 
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer, SentencePieceBPETokenizer, SentencePieceUnigramTokenizer, pre_tokenizers
+from tokenizers import (ByteLevelBPETokenizer, SentencePieceBPETokenizer, SentencePieceUnigramTokenizer, Tokenizer, models,
+                        pre_tokenizers)
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification,
                           AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config,
                           GPT2LMHeadModel, PreTrainedTokenizer, PreTrainedTokenizerFast)
@@ -222,6 +223,21 @@ def test_sentencepiece_tokenizers_are_exact_on_unseen_kept_text(tmp_path, kind):
     assert all(old_unk not in original(f"tea{c}")["input_ids"] and unk in trimmed(f"tea{c}")["input_ids"]
                for c in dropped)
     assert_round_trip(model, trimmed, unseen[:10], tmp_path / kind, AutoModelForSequenceClassification)
+
+
+def test_unigram_keeps_the_lowest_scored_piece_that_prices_unknown_characters():
+    """'a' has no piece, so it is an unknown node scored (lowest score) - 10. Originally -110 and 'ab cd' (-80)
+    beats '<unk> bcd' (-111); were 'zz' (-100) dropped, the unknown node would cost -60 and '<unk> bcd' (-61) win."""
+    pieces = [("<unk>", 0.0), ("ab", -40.0), ("cd", -40.0), ("bcd", -1.0), ("b", -50.0), ("c", -50.0), ("d", -50.0),
+              ("zz", -100.0), ("e", -60.0)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    original = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert original.tokenize("abcd") == ["ab", "cd"]
+    model, trimmed = trim_vocabulary(tiny_bert(BertForSequenceClassification, len(pieces)), original, ["abcd", "bcd"])
+    assert trimmed.tokenize("abcd") == ["ab", "cd"] and trimmed.tokenize("e") == ["e"]  # the tokenizer shows text
+    assert trimmed("e")["input_ids"] == [trimmed.unk_token_id]  # 'e' was never used: now unknown
+    assert set(trimmed.get_vocab()) == {"<unk>", "ab", "cd", "bcd", "b", "c", "d", "zz"}  # characters of kept pieces
 
 
 def test_trimmed_classifier_exports_to_onnx(shared_data, tmp_path):
