@@ -40,7 +40,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,14 +214,18 @@ def _model_special_ids(model: Any, embedding: nn.Embedding, rows: int) -> set[in
     return ids
 
 
+def _wrong_tokenizer(token_id: int, rows: int) -> ValueError:
+    return ValueError(
+        f"the tokenizer gives id {token_id} but the model's input embedding has {rows} rows: it is not this "
+        "model's tokenizer. Pass the tokenizer saved with the model (AutoTokenizer.from_pretrained(<model folder>))."
+    )
+
+
 def _check_known_share(counts: Counter, special: set[int], unk: int | None, rows: int, limit: float) -> float:
     """Refuse ids past the embedding, or more than `limit` unknown tokens: the tokenizer is not the model's."""
     highest = max(set(counts) | special)
     if highest >= rows:
-        raise ValueError(
-            f"the tokenizer gives id {highest} but the model's input embedding has {rows} rows: it is not this "
-            "model's tokenizer. Pass the tokenizer saved with the model (AutoTokenizer.from_pretrained(<model folder>))."
-        )
+        raise _wrong_tokenizer(highest, rows)
     content = sum(c for i, c in counts.items() if i not in special or i == unk)
     share = counts.get(unk, 0) / content if unk is not None and content else 0.0
     if share > limit:
@@ -245,10 +249,7 @@ def _kept_ids(state: dict, counts: Counter, min_frequency: int, forced: set[int]
     elif kind == "Unigram":
         kept = _unigram_closure(state["model"], kept)
     if max(kept) >= rows:
-        raise ValueError(
-            f"the tokenizer needs id {max(kept)} but the model's input embedding has {rows} rows: it is not this "
-            "model's tokenizer. Pass the tokenizer saved with the model (AutoTokenizer.from_pretrained(<model folder>))."
-        )
+        raise _wrong_tokenizer(max(kept), rows)
     return sorted(kept)
 
 
@@ -413,7 +414,8 @@ def _trim_model(model: Any, kept: list[int], remap: dict[int, int]) -> None:
             sliced = tensor.detach().index_select(dim, index).clone()
             replaced[id(tensor)] = sliced if is_buffer else nn.Parameter(sliced, requires_grad=tensor.requires_grad)
         if is_buffer:
-            module.register_buffer(name, replaced[id(tensor)], persistent=name not in module._non_persistent_buffers_set)
+            persistent = name not in module._non_persistent_buffers_set
+            module.register_buffer(name, replaced[id(tensor)], persistent=persistent)
         else:
             setattr(module, name, replaced[id(tensor)])
     embedding.num_embeddings = len(kept)

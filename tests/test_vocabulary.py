@@ -11,9 +11,9 @@ from collections import Counter
 
 import pytest
 import torch
-from tokenizers import (ByteLevelBPETokenizer, SentencePieceBPETokenizer, SentencePieceUnigramTokenizer, Tokenizer, models,
-                        pre_tokenizers)
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification,
+from tokenizers import (ByteLevelBPETokenizer, SentencePieceBPETokenizer, SentencePieceUnigramTokenizer, Tokenizer,
+                        models, pre_tokenizers)
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config,
                           GPT2LMHeadModel, PreTrainedTokenizer, PreTrainedTokenizerFast)
 
