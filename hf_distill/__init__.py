@@ -40,6 +40,8 @@ _PUBLIC = {
     "augment_texts": "augmentation",
     "augment_and_cache": "augmentation",
     "IntermediateSettings": "intermediate",
+    "trim_vocabulary": "vocabulary",
+    "unk_rate": "vocabulary",
 }
 __all__ = sorted(_PUBLIC)
 
