@@ -805,19 +805,29 @@ class DistillationTrainer(Trainer):
                 recipe_path.write_text(json.dumps(self.recipe(), indent=2, default=str))
         write_model_card(self.args.output_dir, model_name=model_name or self.args.hub_model_id)
 
-    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True, **kwargs: Any) -> str:
-        """Save the student and card, then upload only the allowlisted files (student, card, plot, onnx/)."""
+    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
+                    token: Optional[str] = None, **kwargs: Any) -> Any:
+        """Save the student and card, then upload only the allowlisted files (student, card, plot, onnx/).
+
+        Returns the commit URL, or a Future of it when ``blocking=False``; ``token`` overrides ``hub_token``."""
         from .hub import push_distilled_to_hub
 
         repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
-        self.save_model()
+        self.save_model(_internal_call=True)  # not a second push (save_model pushes when args.push_to_hub)
         self.create_model_card(model_name=repo_id, dataset_name=kwargs.get("dataset_name"))
         if not self.is_world_process_zero():
             return ""
         return push_distilled_to_hub(
-            self.args.output_dir, repo_id, token=self.args.hub_token, private=bool(self.args.hub_private_repo),
-            commit_message=commit_message or "Upload distilled model", revision=kwargs.get("revision"),
+            self.args.output_dir, repo_id, token=token or self.args.hub_token,
+            private=bool(self.args.hub_private_repo), commit_message=commit_message or "Upload distilled model",
+            revision=kwargs.get("revision"), blocking=blocking,
         )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """hub_strategy pushes upload the checkpoint's student through the allowlist (hf_distill.hub)."""
+        from .hub import push_checkpoint_allowlisted
+
+        push_checkpoint_allowlisted(self, checkpoint_folder)
 
     # ---- production: preflight, fault handling, atomic saving ----------------------------------------
     # Preflight (train() → run_preflight), the non-finite loss guard (training_step), the signal checkpoint
