@@ -820,7 +820,7 @@ class DistillationTrainer(Trainer):
         return push_distilled_to_hub(
             self.args.output_dir, repo_id, token=token or self.args.hub_token,
             private=bool(self.args.hub_private_repo), commit_message=commit_message or "Upload distilled model",
-            revision=kwargs.get("revision"), blocking=blocking,
+            revision=kwargs.get("revision") or self.args.hub_revision, blocking=blocking,
         )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
