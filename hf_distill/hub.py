@@ -311,6 +311,7 @@ def push_checkpoint_allowlisted(trainer: Any, checkpoint_folder: str | os.PathLi
     files, see `files_to_push`, and its card rendered in memory) to the repository root, in the
     background; resumable training state is never uploaded. Writes nothing. Like the stock method, it
     skips a push while the previous one runs unless ``hub_always_push``, and ``train()`` waits for the last.
+    A push that fails is logged as a warning and training goes on (the final ``push_to_hub`` raises).
     """
     from transformers.utils.hub import PushInProgress
 
@@ -326,10 +327,14 @@ def push_checkpoint_allowlisted(trainer: Any, checkpoint_folder: str | os.PathLi
     getattr(trainer.callback_handler, "on_push_begin", lambda *a: None)(args, trainer.state, trainer.control)
     step = f"step {trainer.state.global_step}" if args.save_strategy == "steps" else f"epoch {int(trainer.state.epoch or 0)}"
     repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or Path(args.output_dir).absolute().name
-    future = push_distilled_to_hub(
-        checkpoint_folder, repo_id, token=args.hub_token, private=bool(args.hub_private_repo),
-        commit_message=f"Training in progress, {step}", revision=args.hub_revision, blocking=False,
-    )
+    try:
+        future = push_distilled_to_hub(
+            checkpoint_folder, repo_id, token=args.hub_token, private=bool(args.hub_private_repo),
+            commit_message=f"Training in progress, {step}", revision=args.hub_revision, blocking=False,
+        )
+    except (HubPushError, ValueError, OSError) as err:  # a failed checkpoint push does not stop training
+        logger.warning("checkpoint push to the Hub skipped: %s", err)
+        return None
     future.add_done_callback(_log_failure)
     if pending is None or pending.is_done():
         trainer.push_in_progress = PushInProgress([future])
