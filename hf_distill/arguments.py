@@ -42,7 +42,10 @@ class DistillationArguments(TrainingArguments):
     )
     jsd_beta: float = field(
         default=0.5,
-        metadata={"help": "β of the generalised JSD in [0, 1]: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD."},
+        metadata={
+            "help": "β in [0, 1] of GKD's generalised JSD (as TRL): β·KL(teacher ‖ m) + (1 − β)·KL(student ‖ m), "
+            "m = β·teacher + (1 − β)·student; 0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD."
+        },
     )
     skew_lambda: float = field(
         default=0.1, metadata={"help": "λ of the skew KL losses (DistiLLM) in [0, 1): the mixing weight."}

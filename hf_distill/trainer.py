@@ -501,16 +501,16 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
                 write_distillation_folder(self.args.output_dir, self.recipe())
         write_model_card(self.args.output_dir, model_name=model_name or self.args.hub_model_id)
 
-    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True, **kwargs: Any) -> str:
-        """Save the student and card, then upload only the allowlisted files (student, card, plot, onnx/)."""
-        from .hub import push_distilled_to_hub
+    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
+                    token: Optional[str] = None, **kwargs: Any) -> Any:
+        """Save the student and card, then upload only the allowlisted files (student, card, plot, onnx/).
+        Returns the commit URL, or a Future of it when ``blocking=False``; ``token`` overrides ``hub_token``."""
+        from .hub import push_trainer_to_hub
 
-        repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
-        self.save_model()
-        self.create_model_card(model_name=repo_id, dataset_name=kwargs.get("dataset_name"))
-        if not self.is_world_process_zero():
-            return ""
-        return push_distilled_to_hub(
-            self.args.output_dir, repo_id, token=self.args.hub_token, private=bool(self.args.hub_private_repo),
-            commit_message=commit_message or "Upload distilled model", revision=kwargs.get("revision"),
-        )
+        return push_trainer_to_hub(self, commit_message, blocking=blocking, token=token, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``hub_strategy`` pushes upload the checkpoint's student through the same allowlist."""
+        from .hub import push_checkpoint_allowlisted
+
+        push_checkpoint_allowlisted(self, checkpoint_folder)

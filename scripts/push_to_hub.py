@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Write (or refresh) the distillation model card of a saved student, then push it to the Hub.
+"""Push a saved student and its distillation model card to the Hub, then refresh the card locally.
 
     python scripts/push_to_hub.py --model_dir outputs/sst2-student --repo_id me/bert-sst2-distilled
 
 Only the student, its card, its report and `onnx/` are uploaded (see hf_distill.hub.files_to_push).
 The token comes from --hub_token, else HF_TOKEN, else the login saved by `huggingface-cli login`.
+The token, the Hub and the repository are checked first, and the card is rendered in memory:
+README.md is written into --model_dir only after the push succeeded, so a failed push changes nothing.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ try:
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_distill.cards import write_model_card  # noqa: E402
 from hf_distill.hub import (  # noqa: E402
     HubPushError,
     check_repo_id,
+    check_student_folder,
+    ensure_hub_repo,
     files_to_push,
     push_distilled_to_hub,
+    render_card_bytes,
     resolve_hub_token,
 )
 
@@ -44,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check inputs first (nothing is written on bad input), refresh the card, push, print the commit URL."""
+    """Check everything first (token, folder, Hub, repository), push, then write the card; print the URL."""
     args = parse_args(argv)
     model_dir = Path(args.model_dir)
     try:
@@ -54,14 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print("\n".join(sorted(set(files_to_push(model_dir)) | {"README.md"})))
             return 0
+        check_student_folder(model_dir)
         token = resolve_hub_token(args.hub_token)
-        if not args.no_card:
-            print(f"model card: {write_model_card(model_dir, model_name=args.repo_id, license=args.license)}")
+        ensure_hub_repo(args.repo_id, token=token, private=args.private, revision=args.revision)
+        card = None if args.no_card else render_card_bytes(model_dir, args.repo_id, license=args.license)
         url = push_distilled_to_hub(model_dir, args.repo_id, token=token, private=args.private,
-                                    commit_message=args.commit_message, revision=args.revision)
+                                    commit_message=args.commit_message, revision=args.revision, readme=card)
     except (ValueError, FileNotFoundError, HubPushError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if card is not None:
+        (model_dir / "README.md").write_bytes(card)  # the card that was pushed, written once the push succeeded
+        print(f"model card: {model_dir / 'README.md'}")
     print(f"pushed: {url}")
     return 0
 

@@ -62,6 +62,18 @@ scenario("function_push", lambda: push_distilled_to_hub(cfg["bare_run"], "sst2-d
 scenario("wrong_token", lambda: push_distilled_to_hub(cfg["bare_run"], "me/wrong-token", token="hf_" + "w" * 34))
 scenario("unreachable", lambda: push_distilled_to_hub(cfg["bare_run"], "me/unreachable", token=token,
                                                       endpoint="http://127.0.0.1:%d" % cfg["closed_port"]))
+
+def cli_unreachable():
+    import huggingface_hub.constants as constants
+    saved, constants.ENDPOINT = constants.ENDPOINT, "http://127.0.0.1:%d" % cfg["closed_port"]
+    try:
+        return cli.main(["--model_dir", cfg["fail_runs"][1], "--repo_id", "me/unreachable-cli", "--hub_token", token])
+    finally:
+        constants.ENDPOINT = saved
+
+scenario("cli_wrong_token", lambda: cli.main(["--model_dir", cfg["fail_runs"][0], "--repo_id", "me/refused",
+                                              "--hub_token", "hf_" + "w" * 34, "--license", "mit"]))
+scenario("cli_unreachable", cli_unreachable)
 print("RESULTS=" + json.dumps(results))
 '''
 
@@ -86,21 +98,24 @@ def pushed(tmp_path_factory: pytest.TempPathFactory):
     """Run every push scenario once against the stand-in; yield (results, stub, folders, snapshots)."""
     base = tmp_path_factory.mktemp("push")
     cli_run, bare_run = make_run_folder(base / "cli-run"), make_run_folder(base / "bare-run")
+    fail_runs = [make_run_folder(base / "fail-run-0"), make_run_folder(base / "fail-run-1")]
+    (fail_runs[0] / "README.md").write_text("the card of an earlier push\n")  # must survive a failed push
     home = base / "hf_home"
     home.mkdir()
-    before = {"cli": _snapshot(cli_run), "bare": _snapshot(bare_run)}
+    before = {"cli": _snapshot(cli_run), "bare": _snapshot(bare_run),
+              **{f"fail{i}": _snapshot(run) for i, run in enumerate(fail_runs)}}
     with HubStub(tokens={TOKEN}) as stub:
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
         env.update(HF_ENDPOINT=stub.endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
                    PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]))
         config = {"scripts": str(REPO_ROOT / "scripts"), "token": TOKEN, "cli_run": str(cli_run),
-                  "bare_run": str(bare_run), "closed_port": _closed_port()}
+                  "bare_run": str(bare_run), "closed_port": _closed_port(), "fail_runs": [str(r) for r in fail_runs]}
         proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(config)], env=env, cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=240)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS=")]
     assert proc.returncode == 0 and lines, f"driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     results = json.loads(lines[-1][len("RESULTS="):])
-    yield results, stub, {"cli": cli_run, "bare": bare_run}, before
+    yield results, stub, {"cli": cli_run, "bare": bare_run, "fail0": fail_runs[0], "fail1": fail_runs[1]}, before
 
 
 def test_cli_push_uploads_exactly_the_allowlist(pushed) -> None:
@@ -183,6 +198,20 @@ def test_unreachable_endpoint_is_a_clear_error(pushed) -> None:
     assert _snapshot(runs["bare"]) == before["bare"]
 
 
+@pytest.mark.parametrize("scenario, folder, message", [
+    ("cli_wrong_token", "fail0", "refused the token (HTTP 401)"),
+    ("cli_unreachable", "fail1", "could not reach the Hugging Face Hub at http://127.0.0.1:"),
+])
+def test_failed_cli_push_leaves_the_folder_byte_identical(pushed, scenario: str, folder: str, message: str) -> None:
+    results, stub, runs, before = pushed
+    record = results[scenario]
+    assert _snapshot(runs[folder]) == before[folder]  # README.md neither written nor rewritten
+    assert record.get("value") == 2, record
+    assert message in record["stderr"] and "Nothing local was deleted or changed" in record["stderr"]
+    assert "model card:" not in record["stdout"]
+    assert "me/refused" not in stub.repos and "me/unreachable-cli" not in stub.repos
+
+
 # -- in-process checks: they fail before any network call ----------------------------------------
 @pytest.mark.parametrize("repo_id", ["me/my model", "me/model!", "a/b/c", "me/-model", "me/model.", "me/a--b",
                                      "me/a..b", "", "/model", "me/" + "m" * 97, "mé/modèle"])
@@ -246,3 +275,136 @@ def test_cli_dry_run_lists_the_files(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out.split() == EXPECTED_PUSHED
     assert cli.main(["--model_dir", str(run), "--repo_id", "me/bad name", "--dry_run"]) == 2
     assert "invalid repo id" in capsys.readouterr().err
+
+
+# -- the trainer's own push paths: hub_strategy checkpoint pushes, push_to_hub, save_model -------------------
+TRAINER_DRIVER = r'''
+import json, sys, traceback
+import torch
+cfg = json.loads(sys.argv[1])
+sys.path.insert(0, cfg["tests"])
+torch.set_num_threads(1)
+from tiny_models import distill_args, sentiment_dataset, tiny_bert
+from hf_distill import DistillationTrainer
+from pathlib import Path
+
+results = {}
+
+def trainer_for(out, **overrides):
+    data, tokenizer = sentiment_dataset(16)
+    # hidden states through projections (student 32 wide, teacher 48): distillation/projections.safetensors exists
+    settings = dict(output_dir=out, max_steps=4, save_strategy="steps", save_steps=2, hidden_weight=1.0,
+                    preflight=False)
+    args = distill_args(Path(out), **{**settings, **overrides})
+    return DistillationTrainer(tiny_bert(seed=1), tiny_bert(layers=3, hidden=48, seed=2), args,
+                               train_dataset=data, processing_class=tokenizer)
+
+def scenario(name, call):
+    try:
+        results[name] = {"value": call()}
+    except BaseException as exc:
+        results[name] = {"error_type": type(exc).__name__, "error": str(exc)[-2000:],
+                         "traceback": traceback.format_exc()[-4000:]}
+
+def run_strategy(strategy):
+    trainer = trainer_for(cfg["base"] + "/" + strategy, push_to_hub=True, hub_strategy=strategy,
+                          hub_model_id="me/" + strategy, hub_token=cfg["token"], hub_always_push=True)
+    trainer.train()
+    return str(trainer.push_to_hub())
+
+for strategy in ("end", "every_save", "checkpoint", "all_checkpoints"):
+    scenario(strategy, lambda: run_strategy(strategy))
+
+def save_model_pushes():
+    trainer = trainer_for(cfg["base"] + "/save", push_to_hub=True, hub_model_id="me/save", hub_token=cfg["token"],
+                          max_steps=1, save_strategy="no")
+    trainer.save_model()
+    return "saved"
+
+def token_and_blocking():
+    trainer = trainer_for(cfg["base"] + "/token", hub_model_id="me/token-argument", hub_token="hf_" + "w" * 34,
+                          max_steps=1, save_strategy="no")
+    pending = trainer.push_to_hub(token=cfg["token"], blocking=False)
+    return {"type": type(pending).__name__, "url": str(pending.result(timeout=120))}
+
+scenario("save_model", save_model_pushes)
+scenario("token_blocking", token_and_blocking)
+print("RESULTS=" + json.dumps(results))
+'''
+
+HUB_STRATEGIES = ["end", "every_save", "checkpoint", "all_checkpoints"]
+#: Must never reach the Hub from a training run: any path that has one of these parts.
+FORBIDDEN_PARTS = ("distillation", "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                   "trainer_state.json", "distillation_state.json", "last-checkpoint")
+
+
+def _forbidden(path: str) -> bool:
+    parts = path.split("/")
+    return any(part in FORBIDDEN_PARTS or part.startswith(("checkpoint-", ".checkpoint-")) for part in parts)
+
+
+@pytest.fixture(scope="module")
+def trainer_pushes(tmp_path_factory: pytest.TempPathFactory):
+    """Train tiny students with push_to_hub=True for every hub_strategy against the stand-in; yield (results, stub)."""
+    base = tmp_path_factory.mktemp("trainer-push")
+    home = base / "hf_home"
+    home.mkdir()
+    with HubStub(tokens={TOKEN}) as stub:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+        env.update(HF_ENDPOINT=stub.endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
+                   PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+        config = {"tests": str(REPO_ROOT / "tests"), "token": TOKEN, "base": str(base)}
+        proc = subprocess.run([sys.executable, "-c", TRAINER_DRIVER, json.dumps(config)], env=env, cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=400)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS=")]
+    assert proc.returncode == 0 and lines, f"driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    yield json.loads(lines[-1][len("RESULTS="):]), stub
+
+
+def _student_files() -> set[str]:
+    """What a push of the trained student holds, known without the code under test: its weights and config,
+    the files its tokenizer saves, and the card."""
+    import tempfile
+
+    from hf_distill.data import synthetic_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        synthetic_tokenizer().save_pretrained(folder)
+        tokenizer_files = {p.name for p in Path(folder).iterdir()}
+    return {"README.md", "config.json", "model.safetensors"} | tokenizer_files
+
+
+@pytest.mark.parametrize("strategy", HUB_STRATEGIES)
+def test_every_hub_strategy_pushes_the_allowlist_only(trainer_pushes, strategy: str) -> None:
+    results, stub = trainer_pushes
+    repo = stub.repos[f"me/{strategy}"]
+    uploaded = sorted({path for commit in repo.commits for path in commit["files"]})
+    assert not [path for path in uploaded if _forbidden(path)], uploaded
+    record = results[strategy]
+    assert "error" not in record, record.get("traceback")
+    assert set(uploaded) == _student_files(), uploaded
+    summaries = [commit["header"]["summary"] for commit in repo.commits]
+    in_progress = [s for s in summaries if s.startswith("Training in progress")]
+    # saves at steps 2 and 4 (hub_always_push: none skipped); "end" pushes only when asked, at the end
+    assert in_progress == ([] if strategy == "end" else ["Training in progress, step 2", "Training in progress, step 4"])
+    assert summaries[-1] == "End of training" and record["value"] == f"{stub.endpoint}/me/{strategy}/commit/{repo.commits[-1]['oid']}"
+    card = stub.files(repo.repo_id)["README.md"].decode()
+    assert "knowledge-distillation" in _header(card)["tags"] and TOKEN not in card
+
+
+def test_save_model_with_push_to_hub_pushes_once_through_the_allowlist(trainer_pushes) -> None:
+    results, stub = trainer_pushes
+    assert results["save_model"].get("value") == "saved", results["save_model"].get("traceback")
+    repo = stub.repos["me/save"]
+    assert [c["header"]["summary"] for c in repo.commits] == ["Model save"]
+    assert set(repo.commits[0]["files"]) == _student_files()
+
+
+def test_push_to_hub_honours_token_and_blocking(trainer_pushes) -> None:
+    results, stub = trainer_pushes
+    record = results["token_blocking"]
+    assert "error" not in record, record.get("traceback")
+    assert record["value"]["type"] == "Future"
+    repo = stub.repos["me/token-argument"]
+    assert record["value"]["url"] == f"{stub.endpoint}/me/token-argument/commit/{repo.commits[-1]['oid']}"
+    assert set(stub.committed_paths("me/token-argument")) == _student_files()

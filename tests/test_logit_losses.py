@@ -4,6 +4,9 @@ Reference pair: teacher p = [1/2, 1/2], student q = [1/4, 3/4], given as logits 
   KL(p‖q)  = ½ ln 2 + ½ ln(2/3)                                  = 0.143841
   KL(q‖p)  = ¼ ln(1/2) + ¾ ln(3/2)                               = 0.130812
   JSD_½    : m = [3/8, 5/8], ½ KL(p‖m) + ½ KL(q‖m) = ½ (0.032269 + 0.035375) = 0.033822
+  JSD_0.1  : m = 0.1 p + 0.9 q = [0.275, 0.725], 0.1 KL(p‖m) + 0.9 KL(q‖m)
+             = 0.1 · 0.113137 + 0.9 · 0.001599                     = 0.012752
+  JSD_0.9  : m = [0.475, 0.525], 0.9 KL(p‖m) + 0.1 KL(q‖m) = 0.9 · 0.001252 + 0.1 · 0.107043 = 0.011831
   SKL_0.1  : KL(p ‖ 0.1 p + 0.9 q) = KL(p ‖ [0.275, 0.725])       = 0.113137
   SRKL_0.1 : KL(q ‖ 0.1 q + 0.9 p) = KL(q ‖ [0.475, 0.525])       = 0.107043
   TV       : ½ (¼ + ¼)                                            = 0.25
@@ -66,15 +69,96 @@ def test_temperature_softens_and_t_squared_scales():
     torch.testing.assert_close(unscaled, soft_label_loss(student / T, teacher / T, temperature=1.0))
 
 
+@pytest.mark.parametrize("beta, expected", [(0.1, 0.012752), (0.9, 0.011831)])
+def test_jsd_beta_weights_teacher_side_by_beta_as_in_gkd(beta, expected):
+    # GKD Eq. 1 / TRL: β KL(p‖m) + (1 − β) KL(q‖m), m = β p + (1 − β) q (the old weights gave 0.101983 / 0.096464).
+    value = soft_label_loss(Q, P, loss="jsd", temperature=1.0, jsd_beta=beta)
+    assert value.item() == pytest.approx(expected, abs=1e-5)
+
+
+def reference_jsd(student_logits, teacher_logits, beta, temperature):
+    """GKD's JSD_β per row, in float64 from probabilities: β KL(p‖m) + (1 − β) KL(q‖m), m = β p + (1 − β) q."""
+    q = torch.softmax(student_logits.double() / temperature, -1)
+    p = torch.softmax(teacher_logits.double() / temperature, -1)
+    return reference_jsd_of_probs(q, p, beta)
+
+
+def reference_jsd_of_probs(q, p, beta):
+    m = beta * p + (1 - beta) * q
+    return beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
+
+
+BETAS = [0.1, 0.5, 0.9]
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("scale", [True, False])
+def test_jsd_matches_the_reference_formula_in_value_and_gradient(beta, scale):
+    torch.manual_seed(10)
+    student, teacher = (3 * torch.randn(6, 13)).requires_grad_(), 3 * torch.randn(6, 13)
+    T = 2.0
+    got = soft_label_loss(student, teacher, loss="jsd", jsd_beta=beta, temperature=T, scale_by_temperature_squared=scale)
+    (got_grad,) = torch.autograd.grad(got.sum(), student)
+    ref_student = student.detach().double().requires_grad_()
+    expected = reference_jsd(ref_student, teacher, beta, T) * (T**2 if scale else 1.0)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), ref_student)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_chunked_jsd_matches_the_reference_formula_in_value_and_gradient(beta):
+    torch.manual_seed(11)
+    student, teacher = (3 * torch.randn(23, 17)).requires_grad_(), 3 * torch.randn(23, 17)
+    weights = (torch.rand(23) > 0.3).float()
+
+    def rows(x, t):
+        return soft_label_loss(x, t, loss="jsd", jsd_beta=beta, temperature=2.0)[None]
+
+    got, _ = chunked_weighted_sums(rows, (0.7,), student, weights, teacher, chunk_size=4)
+    (got_grad,) = torch.autograd.grad(got, student)
+    ref_student = student.detach().double().requires_grad_()
+    expected = 0.7 * (reference_jsd(ref_student, teacher, beta, 2.0) * 4.0 * weights.double()).sum()
+    (expected_grad,) = torch.autograd.grad(expected, ref_student)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_topk_jsd_matches_the_reference_formula_on_k_plus_one_bins(beta):
+    torch.manual_seed(12)
+    student, teacher = (3 * torch.randn(5, 11)).requires_grad_(), 3 * torch.randn(5, 11)
+    T, k = 2.0, 4
+    log_p_topk, idx = torch.log_softmax(teacher / T, -1).topk(k, dim=-1)
+    got = topk_soft_label_loss(student, log_p_topk, idx, loss="jsd", jsd_beta=beta, temperature=T)
+    (got_grad,) = torch.autograd.grad(got.sum(), student)
+    ref_student = student.detach().double().requires_grad_()
+    q_topk = torch.softmax(ref_student / T, -1).gather(-1, idx)
+    p_topk = log_p_topk.double().exp()
+    q_bins = torch.cat([q_topk, 1 - q_topk.sum(-1, keepdim=True)], -1)
+    p_bins = torch.cat([p_topk, 1 - p_topk.sum(-1, keepdim=True)], -1)
+    expected = reference_jsd_of_probs(q_bins, p_bins, beta) * T**2
+    (expected_grad,) = torch.autograd.grad(expected.sum(), ref_student)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_jsd_endpoints_are_forward_and_reverse_kl():
+    torch.manual_seed(13)
     student, teacher = torch.randn(5, 9), torch.randn(5, 9)
     forward = soft_label_loss(student, teacher, loss="forward_kl")
     reverse = soft_label_loss(student, teacher, loss="reverse_kl")
     torch.testing.assert_close(soft_label_loss(student, teacher, loss="jsd", jsd_beta=0.0), forward)
     torch.testing.assert_close(soft_label_loss(student, teacher, loss="jsd", jsd_beta=1.0), reverse)
-    # ... and the formula is continuous at the endpoints (no special case hides a jump).
-    torch.testing.assert_close(soft_label_loss(student, teacher, loss="jsd", jsd_beta=1e-6), forward, atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(soft_label_loss(student, teacher, loss="jsd", jsd_beta=1 - 1e-6), reverse, atol=1e-4, rtol=1e-3)
+    # GKD's formula itself vanishes at the ends: JSD_β / β -> KL(p‖q) and JSD_β / (1 − β) -> KL(q‖p).
+    small = 1e-3
+    torch.testing.assert_close(soft_label_loss(student, teacher, loss="jsd", jsd_beta=small) / small, forward, rtol=2e-2, atol=0)
+    torch.testing.assert_close(soft_label_loss(student, teacher, loss="jsd", jsd_beta=1 - small) / small, reverse, rtol=2e-2, atol=0)
+
+
+def test_jsd_beta_outside_the_unit_interval_is_refused():
+    with pytest.raises(ValueError, match="--jsd_beta"):
+        soft_label_loss(Q, P, loss="jsd", jsd_beta=1.5)
 
 
 def test_topk_with_tail_bin_by_hand():

@@ -48,19 +48,23 @@ def reverse_kl(student_log_probs: Tensor, teacher_log_probs: Tensor) -> Tensor:
 
 
 def generalized_jsd(student_log_probs: Tensor, teacher_log_probs: Tensor, beta: float = 0.5) -> Tensor:
-    """Generalised Jensen–Shannon divergence with interpolation ``beta`` ∈ [0, 1].
+    """Generalised Jensen–Shannon divergence of GKD (Agarwal et al. 2024, Eq. 1), ``beta`` ∈ [0, 1].
 
-    JSD_β(p, q) = (1 − β) KL(p ‖ m) + β KL(q ‖ m),   m = β p + (1 − β) q.
+    JSD_β(p, q) = β KL(p ‖ m) + (1 − β) KL(q ‖ m),   m = β p + (1 − β) q,
 
-    The endpoints are the limits of the formula: β = 0 gives m = q and forward KL(p ‖ q);
-    β = 1 gives m = p and reverse KL(q ‖ p). β = 0.5 is the symmetric JSD.
+    with p the teacher and q the student, the convention of TRL's ``GKDTrainer.generalized_jsd_loss``.
+    The formula vanishes at both ends (JSD_β ≈ β KL(p ‖ q) near β = 0, ≈ (1 − β) KL(q ‖ p) near β = 1),
+    so, as in TRL, β = 0 is defined as forward KL(p ‖ q) and β = 1 as reverse KL(q ‖ p).
+    β = 0.5 is the symmetric JSD.
     """
-    if beta <= 0.0:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd_beta must lie in [0, 1], got {beta}; fix --jsd_beta.")
+    if beta == 0.0:
         return forward_kl(student_log_probs, teacher_log_probs)
-    if beta >= 1.0:
+    if beta == 1.0:
         return reverse_kl(student_log_probs, teacher_log_probs)
     log_m = _log_mixture(teacher_log_probs, student_log_probs, beta)
-    return (1.0 - beta) * kl_divergence(teacher_log_probs, log_m) + beta * kl_divergence(student_log_probs, log_m)
+    return beta * kl_divergence(teacher_log_probs, log_m) + (1.0 - beta) * kl_divergence(student_log_probs, log_m)
 
 
 def skew_forward_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, skew: float = 0.1) -> Tensor:
