@@ -49,6 +49,26 @@ def test_hidden_term_trains_projections_and_saves_them_beside_the_student(tmp_pa
     type(student).from_pretrained(out)  # still a plain from_pretrained folder
 
 
+def test_each_optimizer_step_uses_its_own_projection_gradients_only(tmp_path):
+    data, tokenizer = sentiment_dataset(8)
+    student, teacher = _narrow_pair()
+    seen = []
+
+    class GradientsBeforeTheStep(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen.append([p.grad.clone() for p in trainer.intermediate.projections.parameters()])
+
+    # Learning rate 0 and one batch of all 8 examples: every step computes the same gradient g.
+    args = distill_args(tmp_path, hidden_weight=1.0, max_steps=3, per_device_train_batch_size=8, learning_rate=0.0)
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=data, processing_class=tokenizer,
+                                  callbacks=[GradientsBeforeTheStep()])
+    trainer.train()
+    assert len(seen) == 3 and float(sum(g.abs().sum() for g in seen[0])) > 0
+    for step in seen[1:]:  # g each time, not g, 2g, 3g (gradients left over from the previous steps)
+        for got, first in zip(step, seen[0]):
+            torch.testing.assert_close(got, first, rtol=1e-5, atol=1e-7)
+
+
 def test_loss_adds_weighted_intermediate_terms_per_example(tmp_path):
     data, tokenizer = sentiment_dataset(8)
     student, teacher = _narrow_pair()
