@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import shutil
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -17,11 +17,8 @@ from hf_distill.peft_students import (
     merge_lora_student,
     refuse_adapter_without_base,
 )
-
-peft = pytest.importorskip("peft")
-
-from single_thread import one_thread  # noqa: E402,F401  (autouse)
-from tiny_models import distill_args, lm_collator, lm_dataset  # noqa: E402
+from single_thread import one_thread  # noqa: F401  (autouse)
+from tiny_models import distill_args, lm_collator, lm_dataset
 
 VOCAB = 64
 
@@ -128,14 +125,8 @@ def test_lora_config_rejects_bad_values() -> None:
     assert lora_config(target_modules=["all-linear"]).target_modules == "all-linear"
 
 
-def _trainer_takes_peft_config() -> bool:
-    return "peft_config" in inspect.signature(DistillationTrainer.__init__).parameters
-
-
 @pytest.mark.parametrize("route", ["peft_model", "peft_config"])
 def test_only_adapter_weights_train_and_saving_writes_the_adapter(tmp_path: Path, route: str) -> None:
-    if route == "peft_config" and not _trainer_takes_peft_config():
-        pytest.skip("DistillationTrainer has no peft_config argument yet")
     teacher = tiny_llama(seed=1)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     base = tiny_llama(seed=0, layers=1).train()

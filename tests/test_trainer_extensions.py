@@ -83,8 +83,25 @@ def test_loss_adds_weighted_intermediate_terms_per_example(tmp_path):
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     s = mixed.model(**inputs, output_hidden_states=True)
     t = mixed.teacher(**inputs, output_hidden_states=True)
-    sums = mixed.intermediate(s, t, batch["attention_mask"])
-    torch.testing.assert_close(total, base + (0.7 * sums["hidden"] + 0.3 * sums["relation"]) / 8)
+    mask = batch["attention_mask"].float()
+    assert mask.min() == 0  # padded: the masks matter
+
+    def token_mean(per_token):  # [B, T] -> [B], over valid tokens
+        return (per_token * mask).sum(1) / mask.sum(1)
+
+    # hidden: uniform map with embeddings, 0->0, 1->2, 2->4; each student state through its own Linear(16, 32).
+    linear = {int(k): m for k, m in mixed.intermediate.projections.projections.items()}
+    hidden = sum(token_mean((s.hidden_states[i] @ linear[i].weight.T + linear[i].bias - t.hidden_states[j])
+                            .pow(2).mean(-1)) for i, j in {0: 0, 1: 2, 2: 4}.items()) / 3
+    # relation: RKD distance of the masked mean-pooled last states, over the 8 * 7 ordered pairs, times 8.
+    def distances(states):
+        pooled = (states * mask[..., None]).sum(1) / mask.sum(1)[:, None]
+        d = torch.cdist(pooled, pooled)[~torch.eye(8, dtype=torch.bool)]
+        return d / d.mean()
+
+    diff = (distances(s.hidden_states[-1]) - distances(t.hidden_states[-1])).abs()
+    relation = torch.where(diff < 1, 0.5 * diff**2, diff - 0.5).mean() * 8
+    torch.testing.assert_close(total, base + (0.7 * hidden.sum() + 0.3 * relation) / 8)
 
 
 def test_attention_term_switches_to_eager_and_says_so(tmp_path, caplog):
@@ -266,7 +283,8 @@ def test_on_policy_steps_follow_lmbda_and_train_on_generations(tmp_path, monkeyp
 
 
 def test_lora_student_trains_adapters_only_and_saves_the_adapter(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
+
     data = _lm_with_prompt_length(8)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
     teacher = tiny_gpt2(layers=3, seed=2)
