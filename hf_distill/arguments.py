@@ -82,6 +82,11 @@ class DistillationArguments(TrainingArguments):
     teacher_trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom code when loading the teacher from a path or Hub name."}
     )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Also load model folders that hold only pickle weights (pytorch_model.bin, read with "
+                  "torch.load(weights_only=True)). Off: safetensors only, and such a folder is refused."},
+    )
     # --- task and data -------------------------------------------------------------------------
     distillation_task: Optional[str] = field(
         default=None,

@@ -17,6 +17,7 @@ from hf_distill.peft_students import (
     merge_lora_student,
     refuse_adapter_without_base,
 )
+from hf_distill.safe_loading import PickleWeightsError
 from single_thread import one_thread  # noqa: F401  (autouse)
 from tiny_models import distill_args, lm_collator, lm_dataset
 
@@ -89,6 +90,28 @@ def test_merge_in_memory_model_and_explicit_base(tmp_path: Path) -> None:
     # A folder whose recorded base is gone merges onto an explicit base (same weights as the original base).
     again = merge_lora_student(tmp_path / "adapter", base_model=tiny_llama(seed=3))
     torch.testing.assert_close(_logits(again, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pickle_only_adapter_and_base_folders_are_refused_unless_allowed(tmp_path: Path) -> None:
+    base = tiny_llama(seed=3)
+    inputs = _inputs()
+    student = _lora_student(base)
+    expected = _logits(student, inputs)
+    student.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    with pytest.raises(PickleWeightsError, match="adapter folder .* only pickle weights .*adapter_model.bin"):
+        merge_lora_student(tmp_path / "adapter", base_model=tiny_llama(seed=3))
+    allowed = merge_lora_student(tmp_path / "adapter", base_model=tiny_llama(seed=3), allow_pickle_weights=True)
+    torch.testing.assert_close(_logits(allowed, inputs), expected, atol=1e-5, rtol=1e-5)
+
+    tiny_llama(seed=3).config.save_pretrained(tmp_path / "base")  # a base folder with pytorch_model.bin only
+    torch.save(tiny_llama(seed=3).state_dict(), tmp_path / "base" / "pytorch_model.bin")
+    student.save_pretrained(tmp_path / "safe-adapter")
+    with pytest.raises(PickleWeightsError, match="pytorch_model.bin"):
+        merge_lora_student(tmp_path / "safe-adapter", base_model=str(tmp_path / "base"))
+    allowed = merge_lora_student(tmp_path / "safe-adapter", base_model=str(tmp_path / "base"), allow_pickle_weights=True)
+    torch.testing.assert_close(_logits(allowed, inputs), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_refuses_what_is_not_an_adapter(tmp_path: Path) -> None:
