@@ -21,7 +21,6 @@ _PUBLIC = {
     "detect_task": "tasks",
     "classification_metrics": "metrics",
     "token_classification_metrics": "metrics",
-    "load_metric": "metrics",
     "create_student": "students",
     "bert_to_distilbert": "students",
     "resolve_layer_map": "layer_map",

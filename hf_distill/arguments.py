@@ -5,12 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+import torch
 from transformers import TrainingArguments
 
 from .distributed import TEACHER_SHARDING_MODES
 from .losses.logits import LOSS_NAMES
 
-TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# --teacher_dtype value -> the dtype the teacher is cast to (None: "auto", keep the loaded dtype). The one table:
+# the trainer casts with it and the memory estimate reads its element size (``dtype.itemsize``).
+TEACHER_DTYPES: dict[str, Optional[torch.dtype]] = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 TASKS = ("sequence-classification", "token-classification", "question-answering", "causal-lm")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -77,6 +85,11 @@ class DistillationArguments(TrainingArguments):
     teacher_trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom code when loading the teacher from a path or Hub name."}
     )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Also load model folders that hold only pickle weights (pytorch_model.bin, read with "
+                  "torch.load(weights_only=True)). Off: safetensors only, and such a folder is refused."},
+    )
     # --- task and data -------------------------------------------------------------------------
     distillation_task: Optional[str] = field(
         default=None,
@@ -126,11 +139,13 @@ class DistillationArguments(TrainingArguments):
     )
     hidden_layer_map: str = field(
         default="uniform",
-        metadata={"help": "Student→teacher hidden-state layers: uniform, last, last:N, skip, skip:N, or a JSON map "
-                  "'{\"2\": 4}' (0 = embeddings, i = output of layer i)."},
+        metadata={"help": "Student→teacher hidden-state layers: uniform, last, last:N (the last N layers only), skip, "
+                  "skip:N, or a JSON map '{\"2\": 4}' (0 = embeddings, i = output of layer i). Checked when the "
+                  "arguments are built."},
     )
     hidden_include_embeddings: bool = field(
-        default=True, metadata={"help": "Also match the embedding outputs (0 → 0) under a named strategy."}
+        default=True,
+        metadata={"help": "Also match the embedding outputs (0 → 0) under uniform and skip (never under last / last:N)."},
     )
     hidden_projection: bool = field(
         default=True,
@@ -254,7 +269,9 @@ class DistillationArguments(TrainingArguments):
                 f"Unknown distillation_loss {self.distillation_loss!r}; choose one of {', '.join(LOSS_NAMES)}."
             )
         if self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"`teacher_dtype` must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}.")
+            raise ValueError(
+                f"`teacher_dtype` must be one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r} (--teacher_dtype)."
+            )
         if self.teacher_sharding not in TEACHER_SHARDING_MODES:
             raise ValueError(f"`teacher_sharding` must be one of {TEACHER_SHARDING_MODES}, got {self.teacher_sharding!r}.")
         if self.distillation_task is not None and self.distillation_task not in TASKS:
@@ -281,12 +298,9 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"`temperature_end` must be > 0, got {self.temperature_end}.")
         if self.alpha_end is not None:
             _unit_interval("alpha_end", self.alpha_end)
-        for name in ("hidden_weight", "attention_weight", "relation_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}. Use 0 to turn the term off.")
         from .intermediate import IntermediateSettings
 
-        IntermediateSettings.from_args(self).check()
+        IntermediateSettings.from_args(self)  # validates the hidden_*, attention_* and relation_* fields
         if self.teacher_weights is not None:
             for w in self.teacher_weights:
                 _unit_interval("teacher_weights", w)

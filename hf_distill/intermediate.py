@@ -17,13 +17,19 @@ Models are never patched: the trainer asks for ``output_hidden_states`` / ``outp
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, field, fields, make_dataclass
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .layer_map import FeatureProjections, check_widths, resolve_attention_layer_map, resolve_layer_map
+from .layer_map import (
+    FeatureProjections,
+    check_widths,
+    parse_layer_map_spec,
+    resolve_attention_layer_map,
+    resolve_layer_map,
+)
 from .losses.features import attention_kl, attention_mse, hidden_cosine, hidden_mse, pkd_cls
 from .losses.relations import minilm_relation, rkd_angle, rkd_distance
 
@@ -32,39 +38,33 @@ logger = logging.getLogger(__name__)
 HIDDEN_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"mse": hidden_mse, "cosine": hidden_cosine, "pkd": pkd_cls}
 ATTENTION_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"kl": attention_kl, "mse": attention_mse}
 RELATION_LOSSES = ("minilm", "rkd_distance", "rkd_angle")
+RKD_LOSSES = ("rkd_distance", "rkd_angle")  # relate the examples of a micro-batch to each other
 HEAD_MISMATCH = ("mean", "error")
 
 
-@dataclass
-class IntermediateSettings:
-    """The intermediate-term part of the recipe (mirrors the ``hidden_*``, ``attention_*``, ``relation_*``
-    fields of :class:`~hf_distill.DistillationArguments`)."""
+INTERMEDIATE_PREFIXES = ("hidden_", "attention_", "relation_")
 
-    hidden_weight: float = 0.0
-    hidden_loss: str = "mse"
-    hidden_layer_map: str = "uniform"
-    hidden_include_embeddings: bool = True
-    hidden_projection: bool = True
-    hidden_shared_projection: bool = False
-    attention_weight: float = 0.0
-    attention_loss: str = "kl"
-    attention_layer_map: str = "uniform"
-    attention_head_mismatch: str = "mean"
-    relation_weight: float = 0.0
-    relation_loss: str = "minilm"
-    relation_teacher_layer: int = -1
-    relation_heads: int = 1
+
+class _IntermediateSettingsBase:
+    """What :class:`IntermediateSettings` does; its fields are generated from the arguments (below)."""
+
+    hidden_weight: float
+    attention_weight: float
+    relation_weight: float
+
+    def __post_init__(self) -> None:
+        self.check()
 
     @classmethod
-    def from_args(cls, args: Any) -> "IntermediateSettings":
-        """Pick the matching fields off an arguments object."""
+    def from_args(cls, args: Any) -> Any:
+        """Pick the matching fields off an arguments object (checked on construction)."""
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)})
 
     def check(self) -> None:
-        """Range and choice checks, with the fix in the message."""
+        """Range, choice and layer-map syntax checks, with the flag to fix in the message."""
         for name in ("hidden_weight", "attention_weight", "relation_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}. Use --{name} 0 to turn the term off.")
         choices = {
             "hidden_loss": tuple(HIDDEN_LOSSES),
             "attention_loss": tuple(ATTENTION_LOSSES),
@@ -73,9 +73,11 @@ class IntermediateSettings:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"`{name}` must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
+                raise ValueError(f"`{name}` must be one of {', '.join(allowed)}; got {getattr(self, name)!r} (--{name}).")
         if self.relation_heads < 1:
-            raise ValueError(f"`relation_heads` must be >= 1, got {self.relation_heads}.")
+            raise ValueError(f"`relation_heads` must be >= 1, got {self.relation_heads} (--relation_heads).")
+        for name in ("hidden_layer_map", "attention_layer_map"):
+            parse_layer_map_spec(getattr(self, name), flag=f"--{name}")
 
     @property
     def active(self) -> dict[str, float]:
@@ -84,14 +86,50 @@ class IntermediateSettings:
         return {name: w for name, w in weights.items() if w > 0}
 
 
-def parse_layer_map_spec(spec: str) -> tuple[str, Optional[int]]:
-    """``"last:1"`` -> ("last", 1), ``"skip:2"`` -> ("skip", 2); other specs (names, JSON maps) pass through."""
-    name, sep, count = str(spec).partition(":")
-    if sep and name in ("last", "skip"):
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"Layer map {spec!r}: the count after ':' must be a positive integer (e.g. last:1).")
-        return name, int(count)
-    return spec, None
+def _settings_fields() -> list[tuple[str, Any, Any]]:
+    """The ``hidden_*``, ``attention_*`` and ``relation_*`` fields of DistillationArguments (defaults, help)."""
+    from .arguments import DistillationArguments
+
+    return [
+        (f.name, f.type, field(default=f.default, metadata=f.metadata))
+        for f in fields(DistillationArguments)
+        if f.name.startswith(INTERMEDIATE_PREFIXES)
+    ]
+
+
+IntermediateSettings = make_dataclass(
+    "IntermediateSettings",
+    _settings_fields(),
+    bases=(_IntermediateSettingsBase,),
+    namespace={
+        "__module__": __name__,
+        "__doc__": "The intermediate-term part of the recipe: the ``hidden_*``, ``attention_*`` and ``relation_*`` "
+        "fields of :class:`~hf_distill.DistillationArguments`, with their defaults, generated from it (one "
+        "declaration, one validation: :meth:`check`, run on construction, also by DistillationArguments).",
+    },
+)
+
+
+def accumulation_warnings(args: Any) -> list[str]:
+    """Warnings for recipes whose loss is not the same with gradient accumulation (or several processes).
+
+    ``rkd_distance`` / ``rkd_angle`` relate the examples of one micro-batch to each other, so a batch of 8 is
+    not 4 × 2 accumulation (nor 2 processes × 4): the pairs across micro-batches are never compared.
+    """
+    if getattr(args, "relation_weight", 0.0) <= 0 or getattr(args, "relation_loss", "") not in RKD_LOSSES:
+        return []
+    steps = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    processes = int(getattr(args, "world_size", 1) or 1)
+    if steps <= 1 and processes <= 1:
+        return []
+    micro = getattr(args, "per_device_train_batch_size", None)
+    return [
+        f"--relation_loss {args.relation_loss} relates the examples of one micro-batch"
+        + (f" ({micro} per process)" if micro else "")
+        + f" to each other; with --gradient_accumulation_steps {steps} and {processes} process(es) it is not the "
+        "loss of one batch of the global size. Raise --per_device_train_batch_size and use "
+        "--gradient_accumulation_steps 1 for that, or use --relation_loss minilm, which is per example."
+    ]
 
 
 def model_dims(model: nn.Module) -> tuple[int, int, int]:
@@ -131,9 +169,9 @@ class IntermediateTerms(nn.Module):
     heads that do not divide both widths.
     """
 
-    def __init__(self, settings: IntermediateSettings, student: nn.Module, teacher: nn.Module) -> None:
+    def __init__(self, settings: Any, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__()
-        settings.check()
+        settings.check()  # again: a settings object may have been changed after it was built
         self.settings = settings
         ls, ws, hs = model_dims(student)
         lt, wt, ht = model_dims(teacher)
@@ -141,9 +179,9 @@ class IntermediateTerms(nn.Module):
         self.attention_map: dict[int, int] = {}
         self.projections: Optional[FeatureProjections] = None
         if settings.hidden_weight > 0:
-            strategy, count = parse_layer_map_spec(settings.hidden_layer_map)
-            self.hidden_map = resolve_layer_map(
-                strategy, ls, lt, include_embeddings=settings.hidden_include_embeddings,
+            strategy, count = parse_layer_map_spec(settings.hidden_layer_map, "--hidden_layer_map")
+            self.hidden_map = resolve_layer_map(  # last / last:N: the last layers only, never the embeddings
+                strategy, ls, lt, include_embeddings=settings.hidden_include_embeddings and strategy != "last",
                 num_layers=count if strategy == "last" else None, step=count if strategy == "skip" else None,
             )
             try:
@@ -153,7 +191,7 @@ class IntermediateTerms(nn.Module):
             if needs_projection:
                 self.projections = FeatureProjections(ws, wt, self.hidden_map, shared=settings.hidden_shared_projection)
         if settings.attention_weight > 0:
-            strategy, count = parse_layer_map_spec(settings.attention_layer_map)
+            strategy, count = parse_layer_map_spec(settings.attention_layer_map, "--attention_layer_map")
             self.attention_map = resolve_attention_layer_map(
                 strategy, ls, lt, num_layers=count if strategy == "last" else None, step=count if strategy == "skip" else None
             )

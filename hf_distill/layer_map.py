@@ -34,6 +34,34 @@ def _parse_explicit(spec: str | Mapping) -> dict[int, int] | None:
         raise ValueError(f"an explicit layer map must map integers to integers, got {spec!r}") from None
 
 
+def parse_layer_map_spec(spec: LayerMapSpec, flag: str = "layer map") -> tuple[LayerMapSpec, int | None]:
+    """Check a layer-map spec's syntax (no model needed) and split off a strategy's count.
+
+    ``"last:1"`` -> ("last", 1), ``"skip:2"`` -> ("skip", 2), ``"uniform"`` -> ("uniform", None); an explicit
+    map (a dict or a JSON object string) is checked to map integers >= 0 to integers >= 0 and returned as
+    given. Anything else raises ValueError naming ``flag`` and the accepted forms.
+    """
+    accepted = "uniform, last, last:N, skip, skip:N, or a JSON object such as '{\"2\": 4}'"
+    if isinstance(spec, Mapping) or (isinstance(spec, str) and spec.strip().startswith("{")):
+        try:
+            explicit = _parse_explicit(spec)
+        except ValueError as error:
+            raise ValueError(f"{flag} {spec!r}: {error}; accepted: {accepted}") from None
+        if not explicit or any(s < 0 or t < 0 for s, t in explicit.items()):
+            raise ValueError(f"{flag} {spec!r}: an explicit map must be non-empty, with indices >= 0")
+        return spec, None
+    if not isinstance(spec, str):
+        raise ValueError(f"{flag} must be a string or a dict, got {type(spec).__name__}; accepted: {accepted}")
+    name, sep, count = spec.strip().lower().partition(":")
+    if name not in STRATEGIES or (sep and name == "uniform"):
+        raise ValueError(f"{flag} {spec!r} is not a layer map; accepted: {accepted}")
+    if not sep:
+        return name, None
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"{flag} {spec!r}: the count after ':' must be a positive integer (e.g. {name}:1)")
+    return name, int(count)
+
+
 def _check_range(layer_map: Mapping[int, int], max_student: int, max_teacher: int, what: str) -> None:
     """Every student index must lie in 0..max_student and every teacher index in 0..max_teacher."""
     if not layer_map:

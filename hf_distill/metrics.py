@@ -1,9 +1,8 @@
-"""Metrics that work with no network (accuracy, F1), and the `evaluate` path for users online."""
+"""Metrics computed here, with no network: accuracy, F1, and entity-level scores for token classification."""
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -47,36 +46,76 @@ def classification_metrics(eval_pred: Any) -> dict[str, float]:
     return {"accuracy": accuracy(predictions, labels), "f1": f1(predictions, labels, average=average)}
 
 
-def token_classification_metrics(eval_pred: Any) -> dict[str, float]:
-    """`compute_metrics` for token classification: token accuracy and macro F1, ignoring label -100."""
-    logits, labels = _logits_and_labels(eval_pred)
-    predictions = logits.argmax(-1)
-    keep = labels != -100
-    return {"accuracy": accuracy(predictions[keep], labels[keep]), "f1": f1(predictions[keep], labels[keep], "macro")}
+def iob2_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """The entities ``(type, first, last)`` of one sequence of IOB2 tags, read as seqeval's default mode does.
 
-
-BUILTIN_METRICS: dict[str, Callable[..., float]] = {"accuracy": accuracy, "f1": f1}
-
-
-def load_metric(name: str) -> Callable[..., float]:
-    """``evaluate.load(name)`` when online; the built-in metric of that name when offline or unreachable.
-
-    Returns a function ``metric(predictions, references, **kwargs) -> float``.
+    ``B-X`` starts an entity of type X. ``I-X`` continues the entity the previous tag opened when it has type X,
+    and starts a new one otherwise (after ``O`` or after a tag of another type). ``O`` ends an entity.
     """
-    offline = os.environ.get("HF_EVALUATE_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-    if not offline:
-        try:
-            import evaluate
+    entities: list[tuple[str, int, int]] = []
+    current: Optional[tuple[str, int]] = None  # (type, first token) of the open entity
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, _, kind = tag.partition("-")
+        if tag != "O" and (prefix not in ("B", "I") or not kind):
+            raise ValueError(
+                f"Entity-level metrics read IOB2 labels (O, B-<type>, I-<type>); got {tag!r}. Name the model's labels "
+                "that way in config.id2label, or compute token-level metrics instead."
+            )
+        continues = prefix == "I" and current is not None and current[0] == kind
+        if current is not None and not continues:
+            entities.append((current[0], current[1], i - 1))
+            current = None
+        if tag != "O" and not continues:
+            current = (kind, i)
+    return entities
 
-            module = evaluate.load(name)
-            return lambda predictions, references, **kwargs: module.compute(
-                predictions=predictions, references=references, **kwargs
-            )[name]
-        except Exception:  # noqa: BLE001 - no network, no script: fall back to the built-in metric
-            pass
-    if name not in BUILTIN_METRICS:
-        raise ValueError(
-            f"Metric {name!r} is not available offline; built-in metrics: {', '.join(BUILTIN_METRICS)}. "
-            "Online, any `evaluate` metric name works."
+
+def entity_scores(references: Sequence[Sequence[str]], predictions: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Entity-level precision, recall and F1, micro-averaged over all entities of all sequences.
+
+    An entity counts as found only when type, first and last token all match:
+    ``P = |found| / |predicted|``, ``R = |found| / |true|``, ``F1 = 2PR / (P + R)`` (0 when a denominator is 0).
+    """
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} reference sequences but {len(predictions)} predicted ones.")
+    true, predicted = set(), set()
+    for n, (ref, pred) in enumerate(zip(references, predictions)):
+        if len(ref) != len(pred):
+            raise ValueError(f"Sequence {n}: {len(ref)} reference tags but {len(pred)} predicted ones.")
+        true.update((n, *entity) for entity in iob2_entities(ref))
+        predicted.update((n, *entity) for entity in iob2_entities(pred))
+    found = len(true & predicted)
+    precision = found / len(predicted) if predicted else 0.0
+    recall = found / len(true) if true else 0.0
+    f1_score = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1_score}
+
+
+def token_classification_metrics(id2label: Union[Mapping[int, str], Sequence[str]]) -> Callable[[Any], dict[str, float]]:
+    """A `compute_metrics` for token classification with IOB2 labels: entity-level precision, recall and F1
+    (:func:`entity_scores`, as seqeval's default mode) and token accuracy; positions labelled -100 are skipped.
+
+    Usage: ``compute_metrics=token_classification_metrics(model.config.id2label)``.
+    """
+    if isinstance(id2label, Mapping):
+        names = {int(k): v for k, v in id2label.items()}
+    else:
+        names = dict(enumerate(id2label)) if isinstance(id2label, Sequence) and not isinstance(id2label, str) else {}
+    if not names or not all(isinstance(v, str) for v in names.values()):
+        raise TypeError(
+            "token_classification_metrics takes the label names and returns the compute_metrics function: "
+            "compute_metrics=token_classification_metrics(model.config.id2label)."
         )
-    return BUILTIN_METRICS[name]
+
+    def compute(eval_pred: Any) -> dict[str, float]:
+        logits, labels = _logits_and_labels(eval_pred)
+        predictions = logits.argmax(-1)
+        references, predicted = [], []
+        for row_labels, row_predictions in zip(labels, predictions):
+            keep = row_labels != -100
+            references.append([names[int(i)] for i in row_labels[keep]])
+            predicted.append([names[int(i)] for i in row_predictions[keep]])
+        keep = labels != -100
+        return {**entity_scores(references, predicted), "accuracy": accuracy(predictions[keep], labels[keep])}
+
+    return compute

@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .safe_loading import from_pretrained_safely, refuse_pickle_only_folder
+
 ADAPTER_CONFIG = "adapter_config.json"
 #: PEFT task types -> the transformers auto class of the base model.
 AUTO_CLASS_BY_PEFT_TASK = {
@@ -149,9 +151,15 @@ def _auto_class(adapter_config: dict[str, Any]) -> Any:
 
 
 def load_adapter_model(
-    adapter_dir: Union[str, Path], base_model: Union[str, PreTrainedModel, None] = None, role: str = "student"
+    adapter_dir: Union[str, Path],
+    base_model: Union[str, PreTrainedModel, None] = None,
+    role: str = "student",
+    allow_pickle_weights: bool = False,
 ) -> Any:
-    """A ``PeftModel``: the adapter in ``adapter_dir`` on its base (``base_model``, else the recorded base)."""
+    """A ``PeftModel``: the adapter in ``adapter_dir`` on its base (``base_model``, else the recorded base).
+
+    Adapter and base load from safetensors; pickle-only folders are refused unless ``allow_pickle_weights``.
+    """
     peft = _require_peft()
     adapter_dir = Path(adapter_dir).expanduser()
     if not adapter_dir.is_dir():
@@ -163,11 +171,12 @@ def load_adapter_model(
                if (adapter_dir / "config.json").is_file() else "Pass the folder the LoRA training run saved.")
         )
     base_name = refuse_adapter_without_base(adapter_dir, role=role, base_model=base_model)
+    refuse_pickle_only_folder(adapter_dir, allow_pickle_weights, what=f"{role} adapter")
     config = read_adapter_config(adapter_dir)
     if isinstance(base_model, nn.Module):
         base = base_model
     else:
-        base = _auto_class(config).from_pretrained(base_name)
+        base = from_pretrained_safely(_auto_class(config), base_name, allow_pickle_weights)
     return peft.PeftModel.from_pretrained(base, str(adapter_dir))
 
 
@@ -186,6 +195,7 @@ def merge_lora_student(
     *,
     base_model: Union[str, PreTrainedModel, None] = None,
     tokenizer: Any = None,
+    allow_pickle_weights: bool = False,
 ) -> PreTrainedModel:
     """Fold a LoRA student's adapter into its base weights; return (and optionally save) a plain model.
 
@@ -197,6 +207,7 @@ def merge_lora_student(
             run's ``distillation/`` recipe folder.
         base_model: the base to load a folder's adapter on (a model or a path / Hub id); default: the
             ``base_model_name_or_path`` recorded in ``adapter_config.json``.
+        allow_pickle_weights: also load an adapter or base folder that has only pickle weights (``*.bin``).
 
     Returns:
         The merged ``PreTrainedModel`` (no PEFT layers left), in eval mode.
@@ -205,7 +216,7 @@ def merge_lora_student(
     source_dir: Optional[Path] = None
     if isinstance(adapter_dir_or_model, (str, Path)):
         source_dir = Path(adapter_dir_or_model).expanduser()
-        model = load_adapter_model(source_dir, base_model=base_model)
+        model = load_adapter_model(source_dir, base_model=base_model, allow_pickle_weights=allow_pickle_weights)
     elif isinstance(adapter_dir_or_model, peft.PeftModel):
         model = adapter_dir_or_model
     elif isinstance(adapter_dir_or_model, PreTrainedModel):

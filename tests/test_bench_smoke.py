@@ -12,7 +12,6 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_loss_memory.py"
 
 
-@pytest.mark.skipif(not SCRIPT.exists(), reason="scripts/bench_loss_memory.py is not in this checkout")
 def test_bench_loss_memory_quick(tmp_path: Path) -> None:
     output = tmp_path / "loss_memory.json"
     done = subprocess.run(

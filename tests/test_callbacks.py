@@ -86,7 +86,7 @@ def test_no_signal_no_checkpoint(tmp_path):
 
 
 def test_nonfinite_counter_consecutive():
-    counter = NonFiniteLossCounter(max_nonfinite_steps=2)
+    counter = NonFiniteLossCounter(2, "consecutive")
     assert counter.check(torch.tensor(1.0))
     assert not counter.check(torch.tensor(float("nan")), step=1)
     assert not counter.check(torch.tensor([1.0, float("inf")]), step=2)
@@ -94,21 +94,36 @@ def test_nonfinite_counter_consecutive():
     assert counter.count == 0 and counter.total == 2
     assert not counter.check(math.nan)
     assert not counter.check(math.inf)
-    with pytest.raises(NonFiniteLossError, match=r"3 bad step\(s\) in a row.*max_nonfinite_steps=2"):
+    with pytest.raises(NonFiniteLossError, match=r"3 bad step\(s\) in a row") as error:
         counter.check(float("nan"), step=9)
+    assert "--max_non_finite_losses 2 (--non_finite_loss_count consecutive)" in str(error.value)  # the flags to change
     assert counter.last_bad_step == 9
 
 
+def test_nonfinite_counter_counts_like_the_arguments_by_default(tmp_path):
+    from hf_distill import DistillationArguments
+
+    defaults = DistillationArguments(output_dir=str(tmp_path), report_to=[])
+    assert (defaults.max_non_finite_losses, defaults.non_finite_loss_count) == (10, "total")
+    counter = NonFiniteLossCounter()  # as --non_finite_loss_count total: finite steps between do not reset the count
+    for _ in range(10):
+        assert not counter.check(math.nan)
+        assert counter.check(1.0)
+    with pytest.raises(NonFiniteLossError, match="11 in total") as error:
+        counter.check(math.nan)
+    assert "--max_non_finite_losses 10 (--non_finite_loss_count total)" in str(error.value)
+
+
 def test_nonfinite_counter_total_and_zero():
-    counter = NonFiniteLossCounter(max_nonfinite_steps=2, mode="total")
+    counter = NonFiniteLossCounter(2, "total")
     for value in (math.nan, 1.0, math.nan, 1.0):
         counter.check(value)
     with pytest.raises(NonFiniteLossError, match="3 in total"):
         counter.check(-math.inf)
-    strict = NonFiniteLossCounter(max_nonfinite_steps=0)
+    strict = NonFiniteLossCounter(0)
     with pytest.raises(NonFiniteLossError):
         strict.check(torch.tensor(float("nan")))
-    restored = NonFiniteLossCounter(max_nonfinite_steps=5)
+    restored = NonFiniteLossCounter(5)
     restored.load_state_dict(counter.state_dict())
     assert restored.total == counter.total and restored.consecutive == counter.consecutive
     with pytest.raises(ValueError):
@@ -221,7 +236,7 @@ def test_non_finite_loss_skips_the_whole_optimizer_step(tmp_path, ga, bad, skipp
 
 def test_too_many_non_finite_losses_stop_with_a_clear_error(tmp_path):
     trainer, _ = _nan_trainer(tmp_path, bad=(2, 3, 4), max_non_finite_losses=2)
-    with pytest.raises(NonFiniteLossError, match="max_nonfinite_steps=2"):
+    with pytest.raises(NonFiniteLossError, match="--max_non_finite_losses 2"):
         trainer.train()
     assert trainer.state.global_step == 3 and trainer.skipped_optimizer_steps == 3
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

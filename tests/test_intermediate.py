@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from hf_distill.intermediate import IntermediateSettings, IntermediateTerms, use_eager_attention
+from hf_distill import DistillationArguments
+from hf_distill.intermediate import IntermediateSettings, IntermediateTerms, accumulation_warnings, use_eager_attention
 from hf_distill.losses.logits import teacher_mixture_logits
 from hf_distill.schedules import scheduled_value
 from tiny_models import tiny_bert
@@ -91,19 +93,61 @@ def test_identical_models_give_zero_terms():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (IntermediateSettings(hidden_weight=1, hidden_projection=False), "projection"),
-        (IntermediateSettings(hidden_weight=1, hidden_layer_map='{"1": 9}'), "range"),
-        (IntermediateSettings(attention_weight=1, attention_head_mismatch="error"), "heads"),
-        (IntermediateSettings(relation_weight=1, relation_heads=5), "relation_heads"),
-        (IntermediateSettings(hidden_weight=1, hidden_loss="l1"), "hidden_loss"),
-        (IntermediateSettings(hidden_weight=-1), "hidden_weight"),
+        (dict(hidden_weight=1, hidden_projection=False), "projection"),
+        (dict(hidden_weight=1, hidden_layer_map='{"1": 9}'), "range"),
+        (dict(attention_weight=1, attention_head_mismatch="error"), "heads"),
+        (dict(relation_weight=1, relation_heads=5), "relation_heads"),
     ],
 )
-def test_bad_settings_are_refused_before_training(settings, message):
+def test_bad_settings_for_these_models_are_refused_before_training(settings, message):
     student = tiny_bert(layers=2, hidden=16, seed=1)  # 4 heads
     teacher = tiny_bert(layers=4, hidden=32, seed=2, heads=8)
     with pytest.raises(ValueError, match=message):
-        IntermediateTerms(settings, student, teacher)
+        IntermediateTerms(IntermediateSettings(**settings), student, teacher)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(hidden_weight=1, hidden_loss="l1"), "--hidden_loss"),
+        (dict(hidden_weight=-1), "--hidden_weight"),
+        (dict(relation_heads=0), "--relation_heads"),
+        (dict(attention_layer_map="every"), "--attention_layer_map 'every' is not a layer map"),
+        (dict(hidden_layer_map="last:x"), "positive integer"),
+    ],
+)
+def test_bad_settings_are_refused_when_built_and_in_the_arguments(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        IntermediateSettings(**settings)
+    with pytest.raises(ValueError, match=message):
+        DistillationArguments(output_dir=str(tmp_path), report_to=[], **settings)
+
+
+def test_settings_are_generated_from_the_arguments_fields():
+    prefixed = {f.name: f for f in dataclasses.fields(DistillationArguments)
+                if f.name.split("_")[0] in ("hidden", "attention", "relation")}
+    own = {f.name: f for f in dataclasses.fields(IntermediateSettings)}
+    assert set(own) == set(prefixed) and len(own) == 14
+    for name, f in own.items():
+        assert f.default == prefixed[name].default, name
+        assert f.metadata["help"] == prefixed[name].metadata["help"], name  # one declaration, help included
+    args = DistillationArguments(output_dir="unused", report_to=[], hidden_weight=0.5, relation_loss="rkd_angle")
+    settings = IntermediateSettings.from_args(args)
+    assert (settings.hidden_weight, settings.relation_loss, settings.active) == (0.5, "rkd_angle", {"hidden": 0.5})
+
+
+def test_rkd_with_accumulation_is_warned_about_and_minilm_is_not(tmp_path):
+    def warnings(**kwargs):
+        return accumulation_warnings(DistillationArguments(output_dir=str(tmp_path), report_to=[], **kwargs))
+
+    rkd = dict(relation_weight=1.0, relation_loss="rkd_distance")
+    (message,) = warnings(**rkd, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    assert "--relation_loss rkd_distance" in message and "--gradient_accumulation_steps 2" in message
+    assert "(4 per process)" in message
+    assert len(warnings(relation_weight=1.0, relation_loss="rkd_angle", gradient_accumulation_steps=4)) == 1
+    assert warnings(**rkd) == []  # no accumulation: exact
+    assert warnings(relation_weight=1.0, relation_loss="minilm", gradient_accumulation_steps=2) == []
+    assert warnings(relation_weight=0.0, relation_loss="rkd_angle", gradient_accumulation_steps=2) == []  # term off
 
 
 def test_use_eager_attention_switches_sdpa_models():
@@ -144,5 +188,17 @@ def test_last_and_skip_counts_in_the_layer_map_string():
     assert last1.hidden_map == {2: 4}
     skip = IntermediateTerms(IntermediateSettings(attention_weight=1, attention_layer_map="skip:2"), student, teacher)
     assert skip.attention_map == {0: 1, 1: 3}
-    with pytest.raises(ValueError, match="positive integer"):
-        IntermediateTerms(IntermediateSettings(hidden_weight=1, hidden_layer_map="last:x"), student, teacher)
+
+
+def test_last_n_maps_the_last_layers_only_whatever_the_embeddings_flag():
+    student, teacher = _eager_pair()  # 2 student layers, 4 teacher layers
+    for include in (True, False):  # True is the default
+        def hidden_map(spec):
+            settings = IntermediateSettings(hidden_weight=1, hidden_layer_map=spec, hidden_include_embeddings=include)
+            return IntermediateTerms(settings, student, teacher).hidden_map
+
+        assert hidden_map("last:1") == {2: 4}
+        assert hidden_map("last:2") == {1: 3, 2: 4}
+        assert hidden_map("last") == {1: 3, 2: 4}
+    with_embeddings = IntermediateSettings(hidden_weight=1, hidden_layer_map="uniform")
+    assert IntermediateTerms(with_embeddings, student, teacher).hidden_map == {0: 0, 1: 2, 2: 4}  # uniform still adds 0

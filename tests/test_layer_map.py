@@ -8,6 +8,7 @@ import torch
 from hf_distill.layer_map import (
     FeatureProjections,
     check_widths,
+    parse_layer_map_spec,
     resolve_attention_layer_map,
     resolve_layer_map,
 )
@@ -86,6 +87,27 @@ def test_explicit_maps():
 def test_bad_maps(spec, match):
     with pytest.raises(ValueError, match=match):
         resolve_layer_map(spec, 6, 12)
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [("uniform", ("uniform", None)), ("Last", ("last", None)), ("last:1", ("last", 1)), ("skip:3", ("skip", 3)),
+     ('{"2": 4}', ('{"2": 4}', None)), ({1: 3}, ({1: 3}, None))],
+)
+def test_layer_map_spec_syntax_is_read_without_models(spec, expected):
+    assert parse_layer_map_spec(spec) == expected
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [("bogus", "'bogus' is not a layer map; accepted: uniform, last, last:N"), ("uniform:2", "not a layer map"),
+     ("last:0", "positive integer"), ("skip:x", "positive integer"), ("{}", "non-empty"),
+     ('{"1": -2}', "indices >= 0"), ('{"1": 2', "not valid JSON"), (3, "string or a dict")],
+)
+def test_bad_layer_map_specs_name_the_flag(spec, match):
+    with pytest.raises(ValueError, match=match) as error:
+        parse_layer_map_spec(spec, flag="--hidden_layer_map")
+    assert "--hidden_layer_map" in str(error.value)
 
 
 def test_bad_attention_maps_and_counts():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import shutil
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -17,11 +17,9 @@ from hf_distill.peft_students import (
     merge_lora_student,
     refuse_adapter_without_base,
 )
-
-peft = pytest.importorskip("peft")
-
-from single_thread import one_thread  # noqa: E402,F401  (autouse)
-from tiny_models import distill_args, lm_collator, lm_dataset  # noqa: E402
+from hf_distill.safe_loading import PickleWeightsError
+from single_thread import one_thread  # noqa: F401  (autouse)
+from tiny_models import distill_args, lm_collator, lm_dataset
 
 VOCAB = 64
 
@@ -94,6 +92,28 @@ def test_merge_in_memory_model_and_explicit_base(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(again, inputs), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_pickle_only_adapter_and_base_folders_are_refused_unless_allowed(tmp_path: Path) -> None:
+    base = tiny_llama(seed=3)
+    inputs = _inputs()
+    student = _lora_student(base)
+    expected = _logits(student, inputs)
+    student.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    assert (tmp_path / "adapter" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    with pytest.raises(PickleWeightsError, match="adapter folder .* only pickle weights .*adapter_model.bin"):
+        merge_lora_student(tmp_path / "adapter", base_model=tiny_llama(seed=3))
+    allowed = merge_lora_student(tmp_path / "adapter", base_model=tiny_llama(seed=3), allow_pickle_weights=True)
+    torch.testing.assert_close(_logits(allowed, inputs), expected, atol=1e-5, rtol=1e-5)
+
+    tiny_llama(seed=3).config.save_pretrained(tmp_path / "base")  # a base folder with pytorch_model.bin only
+    torch.save(tiny_llama(seed=3).state_dict(), tmp_path / "base" / "pytorch_model.bin")
+    student.save_pretrained(tmp_path / "safe-adapter")
+    with pytest.raises(PickleWeightsError, match="pytorch_model.bin"):
+        merge_lora_student(tmp_path / "safe-adapter", base_model=str(tmp_path / "base"))
+    allowed = merge_lora_student(tmp_path / "safe-adapter", base_model=str(tmp_path / "base"), allow_pickle_weights=True)
+    torch.testing.assert_close(_logits(allowed, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_refuses_what_is_not_an_adapter(tmp_path: Path) -> None:
     model = tiny_llama()
     with pytest.raises(ValueError, match="no adapter to merge"):
@@ -128,14 +148,8 @@ def test_lora_config_rejects_bad_values() -> None:
     assert lora_config(target_modules=["all-linear"]).target_modules == "all-linear"
 
 
-def _trainer_takes_peft_config() -> bool:
-    return "peft_config" in inspect.signature(DistillationTrainer.__init__).parameters
-
-
 @pytest.mark.parametrize("route", ["peft_model", "peft_config"])
 def test_only_adapter_weights_train_and_saving_writes_the_adapter(tmp_path: Path, route: str) -> None:
-    if route == "peft_config" and not _trainer_takes_peft_config():
-        pytest.skip("DistillationTrainer has no peft_config argument yet")
     teacher = tiny_llama(seed=1)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     base = tiny_llama(seed=0, layers=1).train()

@@ -68,6 +68,20 @@ def _curve(trainer: DistillationTrainer) -> list[tuple[int, float, float]]:
     return [(e["step"], e["loss"], e["learning_rate"]) for e in trainer.state.log_history if "loss" in e]
 
 
+def _assert_same_terms(straight: DistillationTrainer, resumed: DistillationTrainer) -> None:
+    """The logged loss_<term> values (the resumed run's history holds the first half too) equal the straight run's."""
+    def terms(trainer):
+        return {e["step"]: {k: v for k, v in e.items() if k.startswith("loss_")}
+                for e in trainer.state.log_history if "loss" in e}
+
+    a, b = terms(straight), terms(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, N + 1))
+    for step in b:
+        assert b[step].keys() == a[step].keys() and b[step], step
+        for name, value in a[step].items():
+            assert b[step][name] == pytest.approx(value, rel=1e-4, abs=1e-6), f"{name} differs at step {step}"
+
+
 @pytest.mark.parametrize("make,cached", [(_classification_trainer, False), (_classification_trainer, True),
                                          (_lm_trainer, False), (_lm_trainer, True)],
                          ids=["classification-online", "classification-cache", "lm-online", "lm-topk-cache"])
@@ -93,6 +107,7 @@ def test_half_then_resume_equals_straight(tmp_path, make, cached):
     # The optimizer state came back too: AdamW counted N steps although the second run made N / 2.
     steps = {float(state["step"]) for state in second.optimizer.state.values()}
     assert steps == {float(N)}
+    _assert_same_terms(straight, second)
 
 
 class FailSecondCheckpoint(RuntimeError):
@@ -181,3 +196,56 @@ def test_final_save_is_atomic(tmp_path):
     trainer.save_model()
     assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def _projection_trainer(out: Path, callbacks=()) -> DistillationTrainer:
+    """A narrower student than its teacher: learned hidden-state projections (their own optimizer group)."""
+    data, tokenizer = sentiment_dataset(20)
+    args = distill_args(out.parent, output_dir=str(out), max_steps=N, per_device_train_batch_size=4,
+                        gradient_accumulation_steps=2, learning_rate=5e-3, lr_scheduler_type="linear", warmup_steps=2,
+                        save_strategy="steps", save_steps=N // 2, hidden_weight=1.0, hidden_loss="mse")
+    return DistillationTrainer(_with_dropout(tiny_bert(seed=1, hidden=16)), tiny_bert(layers=4, hidden=32, seed=2), args,
+                               train_dataset=data, processing_class=tokenizer, callbacks=list(callbacks))
+
+
+def _ema_trainer(out: Path, callbacks=()) -> DistillationTrainer:
+    """Self-distillation from an EMA of the student (no teacher given)."""
+    data, tokenizer = sentiment_dataset(20)
+    args = distill_args(out.parent, output_dir=str(out), max_steps=N, per_device_train_batch_size=4,
+                        gradient_accumulation_steps=2, learning_rate=5e-3, save_strategy="steps", save_steps=N // 2,
+                        self_distillation="ema", ema_decay=0.5)
+    return DistillationTrainer(_with_dropout(tiny_bert(seed=1)), None, args, train_dataset=data,
+                               processing_class=tokenizer, callbacks=list(callbacks))
+
+
+def _extra_state(trainer: DistillationTrainer) -> dict[str, torch.Tensor]:
+    """What the student's checkpoint does not hold: the projections, or the EMA teacher."""
+    if trainer.args.self_distillation == "ema":
+        return {f"ema.{k}": v for k, v in trainer.teacher.state_dict().items()}
+    return {f"projection.{k}": v for k, v in trainer.intermediate.projections.state_dict().items()}
+
+
+@pytest.mark.parametrize("make", [_projection_trainer, _ema_trainer], ids=["projections", "ema-teacher"])
+def test_half_then_resume_restores_projections_and_the_ema_teacher(tmp_path, make):
+    straight = make(tmp_path / "straight")
+    straight.train()
+    first = make(tmp_path / "resumed", callbacks=[StopAt(N // 2)])
+    first.train()
+    half = _extra_state(first)
+    second = make(tmp_path / "resumed")
+    second.train(resume_from_checkpoint=True)
+    assert second.state.global_step == N
+
+    initial = _extra_state(make(tmp_path / "fresh"))
+    assert any(not torch.equal(half[k], initial[k]) for k in half), "the first half changed the state to restore"
+    a, b = _curve(straight), _curve(second)
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] == list(range(1, N + 1))
+    for (step, loss_a, _), (_, loss_b, _) in zip(a, b):
+        assert loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-6), f"loss differs at step {step}"
+    _assert_same_terms(straight, second)
+    for (name, wa), wb in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
+        torch.testing.assert_close(wb, wa, atol=1e-5, rtol=1e-4, msg=name)
+    extra_a, extra_b = _extra_state(straight), _extra_state(second)
+    assert extra_a.keys() == extra_b.keys() and extra_a
+    for name in extra_a:
+        torch.testing.assert_close(extra_b[name], extra_a[name], atol=1e-5, rtol=1e-4, msg=name)

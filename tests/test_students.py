@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
+from datasets import Dataset
 
 from hf_distill.students import bert_to_distilbert, create_student, select_layers
 
@@ -258,3 +261,67 @@ def test_bert_to_distilbert_errors():
         bert_to_distilbert(tf.BertForPreTraining(_bert_like(tf.BertConfig)))
     with pytest.raises(ValueError, match="encoder-only"):
         bert_to_distilbert(tf.BertForMaskedLM(_bert_like(tf.BertConfig, is_decoder=True)))
+
+
+# ---------------------------------------------------------------- what the README says about them
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _twelve_layer_bert():
+    torch.manual_seed(0)
+    config = _bert_like(tf.BertConfig, attn_implementation="eager")
+    config.num_hidden_layers = 12
+    return tf.BertForSequenceClassification(config).eval()
+
+
+def test_readme_names_the_blocks_create_student_keeps():
+    teacher = _twelve_layer_bert()
+    student = create_student(teacher, num_layers=6)
+    kept = [
+        next(i for i, block in enumerate(teacher.bert.encoder.layer)
+             if torch.equal(block.output.dense.weight, layer.output.dense.weight))
+        for layer in student.bert.encoder.layer
+    ]
+    assert kept == [0, 2, 4, 7, 9, 11]  # DistilBERT's choice, written out by hand
+    lines = [line for line in README.read_text().splitlines() if "create_student(teacher, num_layers=6)" in line]
+    assert lines and all("0,2,4,7,9,11" in line for line in lines), lines
+
+
+def test_readme_says_bert_to_distilbert_changes_the_classification_head():
+    text = README.read_text()
+    shown = next(line for line in text.splitlines() if line.startswith("distil = bert_to_distilbert("))
+    assert "same hidden states, new head" in shown
+    paragraph = text[text.index(shown):text.index("### Loss terms")]
+    assert "`tanh` pooler" in paragraph and "ReLU" in paragraph and "retrained" in paragraph
+
+
+def test_bert_to_distilbert_keeps_hidden_states_and_the_recipe_retrains_the_head(tmp_path):
+    from hf_distill import DistillationArguments, DistillationTrainer
+    from hf_distill.data import synthetic_sentiment, synthetic_tokenizer
+
+    teacher = _twelve_layer_bert()
+    built = create_student(teacher, num_layers=6)
+    student = bert_to_distilbert(built)
+    with torch.no_grad():
+        a, b = built(**_inputs(), output_hidden_states=True), student(**_inputs(), output_hidden_states=True)
+    real = _inputs()["attention_mask"].bool()
+    for x, y in zip(a.hidden_states, b.hidden_states):  # values of order 1: float rounding only
+        assert (x[real] - y[real]).abs().max() < 2e-6
+    assert (a.logits - b.logits).abs().max() > 1e-4  # tanh pooler vs ReLU pre_classifier: the head differs
+
+    tokenizer = synthetic_tokenizer()
+    rows = [{"text": r["text"], "label": r["label"]} for r in synthetic_sentiment(16, seed=0)]
+    data = Dataset.from_list(rows).map(lambda r: tokenizer(r["text"], truncation=True, max_length=16,
+                                                           return_token_type_ids=False), remove_columns=["text"])
+    teacher.resize_token_embeddings(len(tokenizer))
+    student.resize_token_embeddings(len(tokenizer))
+    head = {n: p.detach().clone() for n, p in student.named_parameters() if n.split(".")[0] in ("pre_classifier", "classifier")}
+    args = DistillationArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2,
+                                 report_to=[], use_cpu=True, save_strategy="no", alpha=0.5, temperature=2.0,
+                                 hidden_weight=1.0, hidden_loss="cosine", hidden_layer_map="last:1",
+                                 hidden_include_embeddings=False, preflight=False, disable_tqdm=True)
+    DistillationTrainer(student, teacher, args, train_dataset=data, processing_class=tokenizer).train()
+    assert len(head) == 4
+    for name, before in head.items():  # trained with the student: not frozen, in the optimizer
+        assert not torch.equal(dict(student.named_parameters())[name].detach(), before), name

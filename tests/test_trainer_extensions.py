@@ -49,6 +49,26 @@ def test_hidden_term_trains_projections_and_saves_them_beside_the_student(tmp_pa
     type(student).from_pretrained(out)  # still a plain from_pretrained folder
 
 
+def test_each_optimizer_step_uses_its_own_projection_gradients_only(tmp_path):
+    data, tokenizer = sentiment_dataset(8)
+    student, teacher = _narrow_pair()
+    seen = []
+
+    class GradientsBeforeTheStep(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen.append([p.grad.clone() for p in trainer.intermediate.projections.parameters()])
+
+    # Learning rate 0 and one batch of all 8 examples: every step computes the same gradient g.
+    args = distill_args(tmp_path, hidden_weight=1.0, max_steps=3, per_device_train_batch_size=8, learning_rate=0.0)
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=data, processing_class=tokenizer,
+                                  callbacks=[GradientsBeforeTheStep()])
+    trainer.train()
+    assert len(seen) == 3 and float(sum(g.abs().sum() for g in seen[0])) > 0
+    for step in seen[1:]:  # g each time, not g, 2g, 3g (gradients left over from the previous steps)
+        for got, first in zip(step, seen[0]):
+            torch.testing.assert_close(got, first, rtol=1e-5, atol=1e-7)
+
+
 def test_loss_adds_weighted_intermediate_terms_per_example(tmp_path):
     data, tokenizer = sentiment_dataset(8)
     student, teacher = _narrow_pair()
@@ -63,8 +83,25 @@ def test_loss_adds_weighted_intermediate_terms_per_example(tmp_path):
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     s = mixed.model(**inputs, output_hidden_states=True)
     t = mixed.teacher(**inputs, output_hidden_states=True)
-    sums = mixed.intermediate(s, t, batch["attention_mask"])
-    torch.testing.assert_close(total, base + (0.7 * sums["hidden"] + 0.3 * sums["relation"]) / 8)
+    mask = batch["attention_mask"].float()
+    assert mask.min() == 0  # padded: the masks matter
+
+    def token_mean(per_token):  # [B, T] -> [B], over valid tokens
+        return (per_token * mask).sum(1) / mask.sum(1)
+
+    # hidden: uniform map with embeddings, 0->0, 1->2, 2->4; each student state through its own Linear(16, 32).
+    linear = {int(k): m for k, m in mixed.intermediate.projections.projections.items()}
+    hidden = sum(token_mean((s.hidden_states[i] @ linear[i].weight.T + linear[i].bias - t.hidden_states[j])
+                            .pow(2).mean(-1)) for i, j in {0: 0, 1: 2, 2: 4}.items()) / 3
+    # relation: RKD distance of the masked mean-pooled last states, over the 8 * 7 ordered pairs, times 8.
+    def distances(states):
+        pooled = (states * mask[..., None]).sum(1) / mask.sum(1)[:, None]
+        d = torch.cdist(pooled, pooled)[~torch.eye(8, dtype=torch.bool)]
+        return d / d.mean()
+
+    diff = (distances(s.hidden_states[-1]) - distances(t.hidden_states[-1])).abs()
+    relation = torch.where(diff < 1, 0.5 * diff**2, diff - 0.5).mean() * 8
+    torch.testing.assert_close(total, base + (0.7 * hidden.sum() + 0.3 * relation) / 8)
 
 
 def test_attention_term_switches_to_eager_and_says_so(tmp_path, caplog):
@@ -246,7 +283,8 @@ def test_on_policy_steps_follow_lmbda_and_train_on_generations(tmp_path, monkeyp
 
 
 def test_lora_student_trains_adapters_only_and_saves_the_adapter(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
+
     data = _lm_with_prompt_length(8)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
     teacher = tiny_gpt2(layers=3, seed=2)
