@@ -119,8 +119,8 @@ class SignalCheckpointCallback(TrainerCallback):
         self._restore()
         if self.received_signal is not None:
             logger.warning(
-                "Stopped by %s at step %s after saving checkpoint-%s; resume with "
-                "train(resume_from_checkpoint=True).", signal.Signals(self.received_signal).name,
+                "Stopped by %s at step %s after saving checkpoint-%s; resume with --resume_from_checkpoint true "
+                "(scripts) or train(resume_from_checkpoint=True) (Python).", signal.Signals(self.received_signal).name,
                 self.stopped_at_step, self.stopped_at_step,
             )
             if self.exit_after_save:
@@ -128,7 +128,7 @@ class SignalCheckpointCallback(TrainerCallback):
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when more non-finite losses were seen than ``max_nonfinite_steps`` allows."""
+    """Raised when more non-finite losses were seen than ``--max_non_finite_losses`` allows."""
 
 
 class NonFiniteLossCounter:
@@ -137,9 +137,9 @@ class NonFiniteLossCounter:
     Args:
         max_nonfinite_steps: how many bad steps are tolerated (skipped). The next one raises
             :class:`NonFiniteLossError`. 0 raises on the first non-finite loss.
-        mode: ``"consecutive"`` (default) counts bad steps in a row, and a finite loss resets the run, so
-            an occasional overflow is skipped while a diverged model (NaN from then on) stops quickly;
-            ``"total"`` counts every bad step since the start.
+        mode: ``"total"`` (default, as ``--non_finite_loss_count``) counts every bad step since the start;
+            ``"consecutive"`` counts bad steps in a row, and a finite loss resets the run, so an occasional
+            overflow is skipped while a diverged model (NaN from then on) stops quickly.
 
     In multi-process runs every rank must take the same decision, or ranks skip different steps and
     deadlock in the next all-reduce: pass the gathered losses (``accelerator.gather(loss.detach())``),
@@ -148,7 +148,7 @@ class NonFiniteLossCounter:
 
     MODES = ("consecutive", "total")
 
-    def __init__(self, max_nonfinite_steps: int = 10, mode: str = "consecutive") -> None:
+    def __init__(self, max_nonfinite_steps: int = 10, mode: str = "total") -> None:
         if max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}.")
         if mode not in self.MODES:
@@ -184,8 +184,8 @@ class NonFiniteLossCounter:
         if self.count > self.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"The loss was NaN or infinite{where}: {self.consecutive} bad step(s) in a row, {self.total} in total, "
-                f"more than max_nonfinite_steps={self.max_nonfinite_steps} ({self.mode}). Training stopped rather than "
-                "train on NaN. Lower the learning rate, enable gradient clipping (max_grad_norm), use bf16 instead of "
+                f"more than --max_non_finite_losses {self.max_nonfinite_steps} (--non_finite_loss_count {self.mode}). "
+                "Training stopped rather than train on NaN. Lower the learning rate, enable gradient clipping (max_grad_norm), use bf16 instead of "
                 "fp16, check the inputs and teacher outputs for NaN, or resume from the last checkpoint."
             )
         return False

@@ -477,19 +477,10 @@ def _final_scrub(card: ModelCard, output_dir: Path) -> ModelCard:
     return card if text == str(card) else ModelCard(text)
 
 
-def write_model_card(
-    output_dir: str | os.PathLike,
-    *,
-    recipe: Mapping[str, Any] | None = None,
-    eval_results: Mapping[str, Any] | None = None,
-    report: Mapping[str, Any] | None = None,
-    template_path: str | os.PathLike | None = None,
-    model_name: str | None = None,
-    license: str | None = None,  # noqa: A002
-) -> Path:
-    """Render the card (see `render_model_card`) and write it to `output_dir/README.md`."""
-    card = render_model_card(output_dir, recipe=recipe, eval_results=eval_results, report=report,
-                             template_path=template_path, model_name=model_name, license=license)
+def write_model_card(output_dir: str | os.PathLike, **card_inputs: Any) -> Path:
+    """Render the card and write it to `output_dir/README.md`; `card_inputs` are `render_model_card`'s keyword
+    arguments (recipe, eval_results, report, template_path, model_name, license)."""
+    card = render_model_card(output_dir, **card_inputs)
     path = Path(output_dir) / "README.md"
     card.save(path)
     return path

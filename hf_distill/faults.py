@@ -76,8 +76,10 @@ class FaultToleranceMixin:
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[torch.Tensor] = None):
         """The stock step; on the step's last micro-batch, drop the step's gradients and logged terms when any
         of its losses was NaN/inf on any process (counted; too many raise NonFiniteLossError)."""
-        if not self._in_step:  # the step's first micro-batch: what was logged before it
+        if not self._in_step:  # the step's first micro-batch
             self.term_log.mark()
+            if self.extra_trainable is not None:  # the stock loop zeroes the model's gradients, not these
+                self.extra_trainable.zero_grad(set_to_none=True)
             self._in_step = True
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_has_bad_loss |= not bool(torch.isfinite(loss).all())

@@ -16,6 +16,7 @@ Models are never patched: the trainer asks for ``output_hidden_states`` / ``outp
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, field, fields, make_dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -32,6 +33,7 @@ from .layer_map import (
 )
 from .losses.features import attention_kl, attention_mse, hidden_cosine, hidden_mse, pkd_cls
 from .losses.relations import minilm_relation, rkd_angle, rkd_distance
+from .tasks import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -310,3 +312,24 @@ def use_eager_attention(*models: nn.Module) -> list[str]:
             config._attn_implementation = "eager"
         changed.append(f"{type(model).__name__} ({current} -> eager)")
     return changed
+
+
+def build_intermediate_terms(args: Any, student: nn.Module, teachers: list) -> Optional["IntermediateTerms"]:
+    """The hidden/attention/relation terms of a run (layer maps and projections resolved before training
+    starts), or None when all their weights are 0; switches the models to eager attention when needed."""
+    settings = IntermediateSettings.from_args(args)
+    if not settings.active:
+        return None
+    if not teachers:
+        raise ValueError(
+            "Hidden-state, attention and relation terms need a live teacher: cached outputs hold logits only. "
+            "Pass `teacher_model`, or set hidden_weight/attention_weight/relation_weight to 0."
+        )
+    terms = IntermediateTerms(settings, unwrap_model(student), unwrap_model(teachers[args.intermediate_teacher]))
+    if terms.needs_attentions:
+        changed = use_eager_attention(unwrap_model(student), *[unwrap_model(t) for t in teachers])
+        if changed:
+            logger.warning("Attention terms need attention weights, which only eager attention returns: switched "
+                           "%s to eager for this run.", ", ".join(changed))
+    logger.info("Intermediate terms: %s", json.dumps(terms.describe(), default=str))
+    return terms

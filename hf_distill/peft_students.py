@@ -11,6 +11,7 @@ plain ``PreTrainedModel`` that loads with ``from_pretrained`` and needs no PEFT 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -26,6 +27,8 @@ from transformers import (
 )
 
 from .safe_loading import from_pretrained_safely, refuse_pickle_only_folder
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 #: PEFT task types -> the transformers auto class of the base model.
@@ -245,3 +248,14 @@ def merge_lora_student(
 
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def wrap_with_peft(model: nn.Module, peft_config: Any) -> nn.Module:
+    """``get_peft_model(model, peft_config)``: only the adapters train; logs the trainable share."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, peft_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("LoRA student: %d of %d parameters train (%.2f%%).", trainable, total, 100.0 * trainable / max(total, 1))
+    return model

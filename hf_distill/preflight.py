@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .arguments import TEACHER_DTYPES
+from .intermediate import accumulation_warnings
 from .memory import MemoryEstimate, available_memory_bytes, estimate_peak_memory, format_bytes, saved_activation_bytes
 from .tasks import TARGET_KEYS, logit_rows, unwrap_model
 
@@ -231,7 +233,7 @@ def run_preflight(trainer: Any) -> PreflightReport:
             compatibility=compatibility_summary(trainer.teacher, trainer.model, trainer.task),
             loss_weights=configured_loss_terms(args), inactive_terms=inactive_loss_terms(trainer.task, batch),
             memory=_memory_estimate(trainer, batch), available_bytes=available_memory_bytes(args.device),
-            notes=recipe_notes(args),
+            notes=accumulation_warnings(args),
         )
     if trainer.is_world_process_zero():
         problems = report.warnings() or report.errors()
@@ -258,18 +260,6 @@ def inactive_loss_terms(task: str, batch: Optional[Mapping[str, Any]]) -> dict[s
     if batch is not None and not any(k in batch for k in TARGET_KEYS[task]):
         return {"ce": "no labels in the training batches, so the soft term gets weight 1"}
     return {}
-
-
-def recipe_notes(args: Any) -> list[str]:
-    """Warnings about the recipe itself: RKD relates the samples of one micro-batch, so with gradient
-    accumulation it is not the loss of the whole batch."""
-    if getattr(args, "relation_weight", 0) > 0 and args.relation_loss.startswith("rkd") and args.gradient_accumulation_steps > 1:
-        return [
-            f"relation_loss={args.relation_loss} relates the samples of one micro-batch: with gradient_accumulation_steps="
-            f"{args.gradient_accumulation_steps} it is not the loss of the whole batch (batch B differs from B/k x k "
-            "accumulation). Use a larger per-device batch, or relation_loss=minilm, which is exact under accumulation."
-        ]
-    return []
 
 
 def _first_training_batch(trainer: Any) -> Optional[dict[str, Any]]:
@@ -331,8 +321,6 @@ def _teacher_batch_counts(trainer: Any, inputs: dict, width: int, num_labels: Op
 
 def _memory_estimate(trainer: Any, batch: Optional[dict[str, Any]]) -> MemoryEstimate:
     """estimate_peak_memory with the trainer's models, batch shape, optimizer and intermediate terms."""
-    from .teachers import TEACHER_DTYPES
-
     args, seq_length = trainer.args, 1
     if batch is not None and torch.is_tensor(batch.get("input_ids")) and batch["input_ids"].dim() > 1:
         seq_length = batch["input_ids"].shape[-1]
@@ -367,5 +355,5 @@ def _intermediate_memory_settings(terms: Any) -> dict[str, Any]:
 __all__ = [
     "MemoryEstimate", "PreflightError", "PreflightReport", "available_memory_bytes", "chance_level",
     "compatibility_summary", "estimate_peak_memory", "format_bytes", "format_preflight_report",
-    "configured_loss_terms", "inactive_loss_terms", "majority_fraction", "recipe_notes", "run_preflight", "saved_activation_bytes", "teacher_is_at_chance",
+    "configured_loss_terms", "inactive_loss_terms", "majority_fraction", "run_preflight", "saved_activation_bytes", "teacher_is_at_chance",
 ]

@@ -24,6 +24,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .arguments import TEACHER_DTYPES
+from .safe_loading import from_pretrained_safely
 from .tasks import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -34,34 +36,17 @@ AUTO_CLASS_BY_TASK = {
     "question-answering": AutoModelForQuestionAnswering,
     "causal-lm": AutoModelForCausalLM,
 }
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LLAMA2C_PREFIX = "llama2c:"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-
-
-def refuse_pickle_only_folder(path: Path, role: str = "teacher") -> None:
-    """A local folder with pickle weights and no safetensors is refused (pickle files can run code)."""
-    has_pickle = any((path / name).is_file() for name in PICKLE_WEIGHTS)
-    if has_pickle and not any((path / name).is_file() for name in SAFE_WEIGHTS):
-        raise ValueError(
-            f"The {role} folder {path} holds only pickle weights (pytorch_model.bin), which hf_distill does not load: "
-            "unpickling can run arbitrary code. Convert it once in a trusted environment: "
-            "AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True) writes model.safetensors."
-        )
-
-
-def _load_local(path: Path, task: str, trust_remote_code: bool) -> PreTrainedModel:
+def _load_local(path: Path, task: str, trust_remote_code: bool, allow_pickle_weights: bool) -> PreTrainedModel:
     from .peft_students import merge_lora_student, refuse_adapter_without_base
 
     if refuse_adapter_without_base(path, role="teacher") is not None:  # a LoRA adapter whose base is here
         logger.info("Teacher %s is a LoRA adapter: merged into its base for distillation.", path)
-        return merge_lora_student(str(path))
+        return merge_lora_student(str(path), allow_pickle_weights=allow_pickle_weights)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"Teacher folder {path} has no config.json; save the teacher with save_pretrained().")
-    refuse_pickle_only_folder(path)
-    return AUTO_CLASS_BY_TASK[task].from_pretrained(str(path), trust_remote_code=trust_remote_code, use_safetensors=True)
+    return from_pretrained_safely(AUTO_CLASS_BY_TASK[task], path, allow_pickle_weights, trust_remote_code=trust_remote_code)
 
 
 def _load_llama2c(folder: str) -> PreTrainedModel:
@@ -78,24 +63,25 @@ def _load_llama2c(folder: str) -> PreTrainedModel:
     return model
 
 
-def load_teacher(name_or_path: str, task: str, trust_remote_code: bool = False) -> PreTrainedModel:
-    """Load a teacher for ``task``: a local folder (safetensors only), a LoRA adapter folder (merged into its
-    base), ``llama2c:<dir>``, or a Hub id; with an error naming the fix when none of them works."""
+def load_teacher(name_or_path: str, task: str, trust_remote_code: bool = False,
+                 allow_pickle_weights: bool = False) -> PreTrainedModel:
+    """Load a teacher for ``task``: a local folder (safetensors only unless ``allow_pickle_weights``), a LoRA
+    adapter folder (merged into its base), ``llama2c:<dir>``, or a Hub id; with an error naming the fix when none
+    of them works."""
     name_or_path = str(name_or_path)
     if name_or_path.startswith(LLAMA2C_PREFIX):
         return _load_llama2c(name_or_path[len(LLAMA2C_PREFIX):])
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return _load_local(path, task, trust_remote_code)
+        return _load_local(path, task, trust_remote_code, allow_pickle_weights)
     if not _REPO_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(
             f"Teacher path {name_or_path!r} does not exist. Pass a folder written by save_pretrained() "
             "or a Hub model id such as 'bert-base-uncased'."
         )
     try:
-        return AUTO_CLASS_BY_TASK[task].from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        return from_pretrained_safely(AUTO_CLASS_BY_TASK[task], name_or_path, allow_pickle_weights,
+                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
             f"Could not load teacher {name_or_path!r}: it is not a local folder and could not be loaded from the "
@@ -104,7 +90,8 @@ def load_teacher(name_or_path: str, task: str, trust_remote_code: bool = False) 
 
 
 def load_teachers(teacher_model: Any, task: str, trust_remote_code: bool = False,
-                  self_distillation_of: Optional[nn.Module] = None) -> tuple[list[nn.Module], list]:
+                  self_distillation_of: Optional[nn.Module] = None,
+                  allow_pickle_weights: bool = False) -> tuple[list[nn.Module], list]:
     """(models, names): ``teacher_model`` (one or a list; models, folders or Hub ids) loaded, with the names the
     recipe records. Without a teacher, ``self_distillation_of`` (the student) gives a frozen snapshot of it."""
     teachers = list(teacher_model) if isinstance(teacher_model, (list, tuple)) else (
@@ -118,7 +105,10 @@ def load_teachers(teacher_model: Any, task: str, trust_remote_code: bool = False
         str(t) if isinstance(t, (str, os.PathLike)) else getattr(getattr(t, "config", None), "_name_or_path", None)
         for t in teachers
     ]
-    models = [load_teacher(str(t), task, trust_remote_code) if isinstance(t, (str, os.PathLike)) else t for t in teachers]
+    models = [
+        load_teacher(str(t), task, trust_remote_code, allow_pickle_weights) if isinstance(t, (str, os.PathLike)) else t
+        for t in teachers
+    ]
     return models, names
 
 

@@ -22,6 +22,7 @@ class TermLog:
         self._train: dict[str, torch.Tensor] = defaultdict(self._zero)
         self._eval: dict[str, torch.Tensor] = defaultdict(self._zero)
         self._mark: dict[str, torch.Tensor] = {}
+        self._steps = 0  # optimizer steps begun since the last log line (this process's own count: right after a resume too)
 
     def _zero(self) -> torch.Tensor:
         return torch.zeros((), device=self.device)
@@ -33,7 +34,8 @@ class TermLog:
             target[f"loss_{name}"] += (value / items).detach().to(self.device)
 
     def mark(self) -> None:
-        """Remember the training sums at the start of an optimizer step."""
+        """At the start of an optimizer step: count it, and remember the training sums so far."""
+        self._steps += 1
         self._mark = {k: v.clone() for k, v in self._train.items()}
 
     def drop_step(self) -> None:
@@ -41,10 +43,12 @@ class TermLog:
         self._train.clear()
         self._train.update(self._mark)
 
-    def pop_train(self, reduce: Reduce, reduction: str, steps: int) -> dict[str, float]:
-        """{loss_<term>: mean per optimizer step} since the last call; the sums restart at 0."""
-        values = {name: round(reduce(value, reduction).item() / max(steps, 1), 6) for name, value in sorted(self._train.items())}
+    def pop_train(self, reduce: Reduce, reduction: str) -> dict[str, float]:
+        """{loss_<term>: mean per optimizer step} over the steps begun since the last call; the sums restart at 0."""
+        steps = max(self._steps, 1)
+        values = {name: round(reduce(value, reduction).item() / steps, 6) for name, value in sorted(self._train.items())}
         self._train.clear()
+        self._steps = 0
         return values
 
     def clear_eval(self) -> None:

@@ -37,7 +37,7 @@ from .arguments import DistillationArguments
 from .lm.generation import draw_on_policy, generate_on_policy_batch
 from .collator import TeacherColumnsCollator
 from .faults import FaultToleranceMixin
-from .intermediate import IntermediateSettings, IntermediateTerms, use_eager_attention
+from .intermediate import build_intermediate_terms
 from .losses.logits import (
     chunked_weighted_sums,
     fused_forward_kl_and_ce,
@@ -46,6 +46,7 @@ from .losses.logits import (
     teacher_mixture_logits,
     topk_soft_label_loss,
 )
+from .peft_students import wrap_with_peft
 from .preflight import PreflightReport, run_preflight
 from .recipe import build_recipe, restore_distillation_folder, write_distillation_folder
 from .schedules import scheduled_value
@@ -107,12 +108,13 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             raise TypeError("`args` must be DistillationArguments (a TrainingArguments subclass with the recipe).")
         self.task = args.distillation_task or detect_task(model)
         teachers, self.teacher_names = load_teachers(teacher_model, self.task, args.teacher_trust_remote_code,
-                                                     self_distillation_of=model if args.self_distillation != "none" else None)
+                                                     self_distillation_of=model if args.self_distillation != "none" else None,
+                                                     allow_pickle_weights=args.allow_pickle_weights)
         self.teacher_name_or_path = self.teacher_names[0] if self.teacher_names else None
         self.teacher_weights = resolve_teacher_weights(len(teachers), args.teacher_weights, args.intermediate_teacher)
         if peft_config is not None:
-            model = self._wrap_with_peft(model, peft_config)
-        self.intermediate = self._build_intermediate(args, model, teachers)
+            model = wrap_with_peft(model, peft_config)
+        self.intermediate = build_intermediate_terms(args, model, teachers)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self.cache = CachedTeacherColumns(args, self.train_dataset, self.eval_dataset)
         self._check_data_and_vocabularies(teachers, teacher_processing_class)
@@ -160,38 +162,8 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         self.loss_is_scaled_for_ga = True
         self.term_log = TermLog(args.device)
         self._eval_counts: dict[str, torch.Tensor] = {}
-        self._last_term_log_step = 0
         self.preflight_report: Optional[PreflightReport] = None
         self.init_fault_tolerance()
-
-    @staticmethod
-    def _wrap_with_peft(model: nn.Module, peft_config: Any) -> nn.Module:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_config)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        logger.info("LoRA student: %d of %d parameters train (%.2f%%).", trainable, total, 100.0 * trainable / max(total, 1))
-        return model
-
-    def _build_intermediate(self, args: DistillationArguments, student: nn.Module, teachers: list) -> Optional[IntermediateTerms]:
-        """Resolve layer maps and projections of the hidden/attention/relation terms, before training starts."""
-        settings = IntermediateSettings.from_args(args)
-        if not settings.active:
-            return None
-        if not teachers:
-            raise ValueError(
-                "Hidden-state, attention and relation terms need a live teacher: cached outputs hold logits only. "
-                "Pass `teacher_model`, or set hidden_weight/attention_weight/relation_weight to 0."
-            )
-        terms = IntermediateTerms(settings, unwrap_model(student), unwrap_model(teachers[args.intermediate_teacher]))
-        if terms.needs_attentions:
-            changed = use_eager_attention(unwrap_model(student), *[unwrap_model(t) for t in teachers])
-            if changed:
-                logger.warning("Attention terms need attention weights, which only eager attention returns: switched "
-                               "%s to eager for this run.", ", ".join(changed))
-        logger.info("Intermediate terms: %s", json.dumps(terms.describe(), default=str))
-        return terms
 
     @property
     def extra_trainable(self) -> Optional[nn.Module]:
@@ -432,8 +404,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             # Each micro-batch recorded its local sum / global item count: sum over processes when items were
             # counted globally, else average the per-process means.
             reduction = "sum" if self.args.average_tokens_across_devices else "mean"
-            logs.update(self.term_log.pop_train(self._reduce, reduction, self.state.global_step - self._last_term_log_step))
-            self._last_term_log_step = self.state.global_step
+            logs.update(self.term_log.pop_train(self._reduce, reduction))
             if self._non_finite.total:
                 logs["non_finite_losses"] = self._non_finite.total
         super().log(logs, *args, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
+
 from ..tasks import unwrap_model
 from ..teacher_cache import model_fingerprint
 from .generation import _id_list, _prompt_list, generate_teacher_completions
@@ -41,19 +44,14 @@ def cache_teacher_completions(
     prompts: Sequence[Any] | datasets.Dataset,
     *,
     cache_dir: str | os.PathLike[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    show_progress: bool = True,
-    top_k: int = 0,
-    eos_token_id: int | Sequence[int] | None = None,
-    prompt_column: str = "prompt",
     overwrite: bool = False,
+    prompt_column: str = "prompt",
+    show_progress: bool = True,
+    **generation: Any,
 ) -> datasets.Dataset:
-    """:func:`generate_teacher_completions`, saved under ``cache_dir`` and reused.
+    """:func:`generate_teacher_completions`, saved under ``cache_dir`` and reused; ``generation`` takes its
+    sampling arguments (``max_new_tokens``, ``batch_size``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
+    ``seed``, ``eos_token_id``), with the same defaults.
 
     The cache key digests the teacher (``hf_distill.teacher_cache.model_fingerprint``), the tokenizer (vocabulary,
     chat template, special tokens), the prompts and every generation argument (batch size
@@ -65,11 +63,7 @@ def cache_teacher_completions(
     process first (e.g. ``with training_args.main_process_first():``).
     """
     prompt_list = _prompt_list(prompts, prompt_column)
-    settings = {
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "do_sample": do_sample, "temperature": temperature,
-        "top_p": top_p, "top_k": top_k, "seed": seed,
-        "eos_token_id": _id_list(eos_token_id) if eos_token_id is not None else None,
-    }
+    settings = _generation_settings(generation)
     key = {
         "format": _CACHE_FORMAT,
         "teacher": model_fingerprint(unwrap_model(teacher)),
@@ -89,6 +83,19 @@ def cache_teacher_completions(
     _save_atomically(dataset, key, path, overwrite)
     logger.info("Saved teacher completions to %s", path)
     return datasets.load_from_disk(str(path))
+
+
+def _generation_settings(generation: dict[str, Any]) -> dict[str, Any]:
+    """Every sampling argument of generate_teacher_completions, given or default (the cache key's settings)."""
+    parameters = inspect.signature(generate_teacher_completions).parameters
+    names = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "top_k", "seed", "eos_token_id")
+    unknown = sorted(set(generation) - set(names))
+    if unknown:
+        raise TypeError(f"cache_teacher_completions() got unexpected arguments {unknown}; it takes {', '.join(names)}.")
+    settings = {name: generation.get(name, parameters[name].default) for name in names}
+    if settings["eos_token_id"] is not None:
+        settings["eos_token_id"] = _id_list(settings["eos_token_id"])
+    return settings
 
 
 def _save_atomically(dataset: datasets.Dataset, key: dict[str, Any], path: Path, overwrite: bool) -> None:

@@ -168,15 +168,8 @@ def _log_tail(log_probs_topk: Tensor) -> Tensor:
 
 
 def topk_soft_label_loss(
-    student_logits: Tensor,
-    teacher_topk_log_probs: Tensor,
-    teacher_topk_indices: Tensor,
-    *,
-    loss: str = "forward_kl",
-    temperature: float = 1.0,
-    scale_by_temperature_squared: bool = True,
-    jsd_beta: float = 0.5,
-    skew_lambda: float = 0.1,
+    student_logits: Tensor, teacher_topk_log_probs: Tensor, teacher_topk_indices: Tensor, *, loss: str = "forward_kl",
+    temperature: float = 1.0, scale_by_temperature_squared: bool = True, jsd_beta: float = 0.5, skew_lambda: float = 0.1,
 ) -> Tensor:
     """Per-row divergence against a top-k teacher, with the tail mass as one explicit extra bin.
 
