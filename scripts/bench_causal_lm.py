@@ -14,9 +14,9 @@ Runs, all at the same number of optimizer steps, batch size and learning rate, w
     ``sft`` (alpha=0, CE on the teacher samples), ``fkl`` / ``rkl`` / ``jsd`` (alpha=1, forward KL, reverse KL,
     JSD(0.5)), ``topk<k>`` (forward KL against the top-k cache made by
     :func:`hf_distill.cache_teacher_outputs`, no teacher at train time), ``onpolicy_jsd`` (JSD(0.5) with
-    ``lmbda=0.5``: only when :class:`hf_distill.DistillationArguments` has an ``lmbda`` field, else "pending"),
+    ``lmbda=0.5``),
     ``init`` (the student before training), and with ``--with_trl`` the same JSD(0.5) task with TRL's
-    ``GKDTrainer`` (``trl_jsd``, lmbda=0; ``trl_onpolicy_jsd`` with our lmbda when ours exists).
+    ``GKDTrainer`` (``trl_jsd``, lmbda=0; ``trl_onpolicy_jsd`` with the same lmbda).
 
 Measured per run, each in a fresh subprocess, one after the other:
     KL(teacher ‖ student) per completion token and student perplexity on the held-out teacher samples
@@ -36,7 +36,6 @@ Prints markdown tables and writes ``bench_results/causal_lm.json`` (``--output``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -77,17 +76,10 @@ MB = 1024.0
 # ----------------------------------------------------------------------------------------------
 # Small utilities
 # ----------------------------------------------------------------------------------------------
-def on_policy_fields(args: argparse.Namespace) -> Optional[dict[str, Any]]:
-    """On-policy overrides (``lmbda`` and the generation settings the trainer has), or None when
-    ``DistillationArguments`` has no ``lmbda`` yet (the run is then reported as pending)."""
-    from hf_distill import DistillationArguments
-
-    names = {f.name for f in dataclasses.fields(DistillationArguments)}
-    if "lmbda" not in names:
-        return None
-    wanted = {"lmbda": args.lmbda, "generation_max_new_tokens": args.max_new_tokens,
-              "generation_temperature": args.sample_temperature, "generation_top_p": 1.0, "generation_top_k": 0}
-    return {k: v for k, v in wanted.items() if k in names}
+def on_policy_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """On-policy overrides: ``lmbda`` and the generation settings."""
+    return {"lmbda": args.lmbda, "generation_max_new_tokens": args.max_new_tokens,
+            "generation_temperature": args.sample_temperature, "generation_top_p": 1.0, "generation_top_k": 0}
 
 
 def load_teacher(model_dir: Path) -> tuple[Any, Any]:
@@ -306,10 +298,7 @@ def _make_trainer(spec: dict, args: argparse.Namespace, student: Any, teacher: A
         dataset = load_from_disk(data["paths"]["train"])
         teacher_model = teacher
     if method == "onpolicy_jsd":
-        extra = on_policy_fields(args)
-        if extra is None:
-            raise RuntimeError("pending: DistillationArguments has no lmbda field")
-        overrides.update(extra)
+        overrides.update(on_policy_fields(args))
     arguments = DistillationArguments(**common, temperature=args.temperature, distillation_task="causal-lm", **overrides)
     trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=arguments, train_dataset=dataset,
                                   data_collator=collator, processing_class=tokenizer)
@@ -360,8 +349,8 @@ def run_worker(spec: dict, args: argparse.Namespace, data: dict) -> dict[str, An
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-def planned_runs(args: argparse.Namespace, on_policy: bool) -> list[dict[str, Any]]:
-    """Every (student, method) to run, in order; on-policy runs marked pending when unsupported."""
+def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (student, method) to run, in order."""
     runs = []
     for student in args.students:
         methods = list(args.methods)
@@ -369,21 +358,19 @@ def planned_runs(args: argparse.Namespace, on_policy: bool) -> list[dict[str, An
             index = methods.index("topk")
             ks = [args.main_k] + [k for k in sorted(args.topk_ks) if k != args.main_k]
             methods[index : index + 1] = [f"topk{k}" for k in ks]
-        for method in methods:
-            pending = method == "onpolicy_jsd" and not on_policy
-            runs.append({"student": student, "method": method, "pending": pending})
+        runs += [{"student": student, "method": method} for method in methods]
     return runs
 
 
-def planned_trl_pairs(args: argparse.Namespace, on_policy: bool) -> list[dict[str, Any]]:
+def planned_trl_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Back-to-back (ours, TRL) runs of the same task, ``--trl_repeats`` times, the order alternating."""
-    tasks = [t for t in args.trl_tasks if t == "jsd" or on_policy]
+    tasks = list(args.trl_tasks)
     runs = []
     for student in args.trl_students or args.students:
         for task in tasks:
             for repeat in range(args.trl_repeats):
                 pair = [task, f"trl_{task}"] if repeat % 2 == 0 else [f"trl_{task}", task]
-                runs += [{"student": student, "method": m, "pending": False, "repeat": repeat, "pair_task": task}
+                runs += [{"student": student, "method": m, "repeat": repeat, "pair_task": task}
                          for m in pair]
     return runs
 
@@ -416,9 +403,6 @@ def markdown_tables(report: dict[str, Any]) -> str:
     teacher_ppl = None
     for run in report["runs"]:
         r = run.get("result") or {}
-        if run.get("pending"):
-            out.append(f"| {run['student']} | {run['method']} | pending | | | | | | | | | |")
-            continue
         if "error" in r:
             out.append(f"| {run['student']} | {run['method']} | error (see JSON) | | | | | | | | | |")
             continue
@@ -473,7 +457,7 @@ def markdown_tables(report: dict[str, Any]) -> str:
 
 
 def _summaries(report: dict[str, Any], init_gaps: dict[str, dict[int, dict[str, float]]], main_k: int) -> None:
-    by_key = {(r["student"], r["method"]): r.get("result") or {} for r in report["runs"] if not r.get("pending")}
+    by_key = {(r["student"], r["method"]): r.get("result") or {} for r in report["runs"]}
     gaps: dict[str, dict[int, dict[str, Any]]] = {}
     for (student, method), r in by_key.items():
         if not method.startswith("topk") or "heldout" not in r:
@@ -537,7 +521,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     ks = sorted(set(args.topk_ks) | {args.main_k})
     init_gaps = {s: topk_loss_gap(build_student(s, teacher), teacher, train, tokenizer, ks, args.temperature)
                  for s in args.students}
-    on_policy = on_policy_fields(args) is not None
     trl_version = None
     if args.with_trl:
         import trl
@@ -546,7 +529,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
         "teacher": {"parameters": sum(p.numel() for p in teacher.parameters()), "config": teacher.config.to_dict()},
-        "data": data, "on_policy_available": on_policy, "trl_version": trl_version, "init_topk_loss_gap": init_gaps,
+        "data": data, "trl_version": trl_version, "init_topk_loss_gap": init_gaps,
         "runs": [],
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
@@ -554,18 +537,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         data_file = handle.name
     report["trl_runs"] = []
     try:
-        plans = [("runs", spec) for spec in planned_runs(args, on_policy)]
+        plans = [("runs", spec) for spec in planned_runs(args)]
         if args.with_trl:
-            plans += [("trl_runs", spec) for spec in planned_trl_pairs(args, on_policy)]
+            plans += [("trl_runs", spec) for spec in planned_trl_pairs(args)]
         for key, spec in plans:
-            run = dict(spec)
-            if not spec["pending"]:
-                run["result"] = _spawn(spec, args, data_file)
-                r = run["result"]
-                summary = r.get("error", "")[:300] or (
-                    f"held-out KL {r['heldout']['kl']:.4f}, ppl {r['heldout']['ppl']:.3f}"
-                    + (f", {r['tokens_per_second']:.0f} tok/s, +{r['extra_peak_mb']:.1f} MB" if "tokens_per_second" in r else ""))
-                print(f"  [{key}] {spec['student']}/{spec['method']}: {summary}", file=sys.stderr, flush=True)
+            run = dict(spec, result=_spawn(spec, args, data_file))
+            r = run["result"]
+            summary = r.get("error", "")[:300] or (
+                f"held-out KL {r['heldout']['kl']:.4f}, ppl {r['heldout']['ppl']:.3f}"
+                + (f", {r['tokens_per_second']:.0f} tok/s, +{r['extra_peak_mb']:.1f} MB" if "tokens_per_second" in r else ""))
+            print(f"  [{key}] {spec['student']}/{spec['method']}: {summary}", file=sys.stderr, flush=True)
             report[key].append(run)
     finally:
         Path(data_file).unlink(missing_ok=True)
@@ -599,7 +580,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="Back-to-back (ours, TRL) pairs per task for the ratios (medians; order alternates).")
     parser.add_argument("--trl_students", nargs="*", default=["layers"], help="Students of the TRL comparison.")
     parser.add_argument("--trl_tasks", nargs="+", default=["jsd", "onpolicy_jsd"], choices=["jsd", "onpolicy_jsd"],
-                        help="Tasks of the TRL comparison (on-policy only where our trainer has lmbda).")
+                        help="Tasks of the TRL comparison.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1 keeps timings stable).")
     parser.add_argument("--cache_dir", default="bench_results/causal_lm_cache")
     parser.add_argument("--output", default="bench_results/causal_lm.json")
@@ -632,8 +613,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
           f"python scripts/bench_causal_lm.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print()
     print(markdown_tables(report))
-    if not report["on_policy_available"]:
-        print("\non-policy JSD: pending (DistillationArguments has no `lmbda` field yet).")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -80,16 +80,14 @@ def test_topk_loss_gap_is_nonnegative_shrinks_with_k_and_vanishes_at_full_vocabu
     assert len({round(g["full"], 6) for g in gaps.values()}) == 1
 
 
-def test_planned_runs_expand_topk_and_mark_pending_on_policy() -> None:
+def test_planned_runs_expand_topk() -> None:
     bench = _bench_causal_lm()
     args = bench.parse_args([])
-    runs = bench.planned_runs(args, on_policy=False)
+    runs = bench.planned_runs(args)
     methods = [r["method"] for r in runs if r["student"] == "layers"]
     assert methods == ["init", "sft", "fkl", "rkl", "jsd", "topk32", "topk8", "topk128", "onpolicy_jsd"]
     assert {r["student"] for r in runs} == {"layers", "narrow"}
-    assert [r["pending"] for r in runs if r["method"] == "onpolicy_jsd"] == [True, True]
-    assert not any(r["pending"] for r in bench.planned_runs(args, on_policy=True))
-    pairs = bench.planned_trl_pairs(args, on_policy=True)
+    pairs = bench.planned_trl_pairs(args)
     assert [p["method"] for p in pairs[:4]] == ["jsd", "trl_jsd", "trl_jsd", "jsd"]  # order alternates
 
 
