@@ -65,6 +65,10 @@ class BenchArguments:
     backend: str = field(default="auto", metadata={"help": "auto, optimum or torch."})
     per_channel: bool = field(default=False, metadata={"help": "Per-channel weight quantization."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N eval rows."})
+    int8_max_accuracy_drop: float = field(default=1.0, metadata={
+        "help": "Accuracy points int8 may lose against PyTorch fp32 on the eval file and still be kept."})
+    int8_min_agreement: float = field(default=0.9, metadata={
+        "help": "Only used without an eval set (never here): int8 argmax agreement on sample texts."})
     seed: int = field(default=0, metadata={"help": "Seed of the synthetic training."})
 
 
@@ -121,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit("give --teacher_dir, --student_dir and --eval_file, or --synthetic")
     texts, labels = load_eval_jsonl(eval_file, limit=args.max_eval_samples)
     result = export_onnx(student_dir, output_dir / "onnx", backend=args.backend, per_channel=args.per_channel,
-                         eval_dataset=[{"text": text, "label": label} for text, label in zip(texts, labels)])
+                         eval_dataset=[{"text": text, "label": label} for text, label in zip(texts, labels)],
+                         int8_max_accuracy_drop=args.int8_max_accuracy_drop, int8_min_agreement=args.int8_min_agreement)
     rows = benchmark_models(student_dir, teacher_dir=teacher_dir, onnx_dir=result.output_dir,
                             eval_texts=texts, eval_labels=labels, **asdict(settings))
     paths = write_report(output_dir, rows, title=f"Export benchmark: {student_dir.name}",

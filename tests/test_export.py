@@ -406,6 +406,9 @@ def test_eval_set_token_classification_and_text_generation(tmp_path, model_dirs,
     fp32 = result.parity["fp32"]
     assert fp32.reference_accuracy == pytest.approx(np.mean(correct)) and fp32.passed
     assert fp32.num_predictions == sum(len(tokenizer(text)["input_ids"]) for text in texts)
+    split = [{"prompt": "the film is ", "completion": "good and the story is fun"}, {"prompt": "boring", "completion": " ."}]
+    result = export_onnx(model_dirs["text-generation"], tmp_path / "lm", backend="torch", eval_dataset=split)
+    assert result.parity["fp32"].reference_accuracy == pytest.approx(np.mean(correct))  # prompt + completion
 
 
 def test_eval_dataset_bad_input(tmp_path, model_dirs):

@@ -5,7 +5,8 @@ into batches with the labels each task is scored on.
   one prediction per row.
 - token-classification: `tokens` (a list of words) and `labels` or `ner_tags` (one per word); scored on the
   first sub-token of each word.
-- text-generation: `text`; scored on next-token prediction at every position that has a next token.
+- text-generation: `text` (or `prompt` and `completion`, joined); scored on next-token prediction at every
+  position that has a next token.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def eval_columns(eval_dataset: Any, task: str) -> dict[str, list]:
         get = lambda name: [row[name] for row in rows]  # noqa: E731
     if len(eval_dataset) == 0:
         raise ValueError("eval_dataset is empty: give it the rows of your validation split, or pass eval_dataset=None")
+    if task == "text-generation" and "text" not in found and {"prompt", "completion"} <= set(found):
+        return {"text": [prompt + completion for prompt, completion in zip(get("prompt"), get("completion"))]}
     columns = {}
     for name in required:
         options = alternatives.get(name, (name,))
