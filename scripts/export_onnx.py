@@ -43,7 +43,8 @@ class ExportArguments:
     parity_atol: Optional[float] = field(default=None, metadata={
         "help": "fp32 max abs diff allowed (default 1e-4 x the largest PyTorch logit)."})
     int8_parity_atol: Optional[float] = field(default=None, metadata={
-        "help": "int8 max abs diff allowed (default 0.5 x the largest PyTorch logit)."})
+        "help": "int8 max abs diff allowed (default: 0.5 x the largest PyTorch logit on sample texts; with "
+                "--eval_file, judged only when given)."})
     int8_max_accuracy_drop: float = field(default=INT8_MAX_ACCURACY_DROP, metadata={
         "help": "With --eval_file: accuracy points int8 may lose against PyTorch fp32 and still be kept."})
     int8_min_agreement: float = field(default=INT8_MIN_ARGMAX_AGREEMENT, metadata={

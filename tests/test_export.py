@@ -284,7 +284,8 @@ def quantize_as(monkeypatch, model_dir: Path) -> None:
 
 
 def test_two_x_logit_error_fails_parity(tmp_path, monkeypatch, model_dirs):
-    """Logits doubled (argmax unchanged) fail fp32 and int8 parity, on samples and on an evaluation set."""
+    """Logits doubled (argmax unchanged) fail fp32 parity, and int8 parity on samples; on an evaluation set, where
+    accuracy decides, the error is recorded (relative diff 1.0) and fails an explicit int8_parity_atol."""
     source = model_dirs["sequence-classification"]
     doubled = classifier_scaled_copy(source, tmp_path / "doubled", 2.0)
     texts = ["a good film", "an awful , boring film", "the plot is thin"]
@@ -303,8 +304,11 @@ def test_two_x_logit_error_fails_parity(tmp_path, monkeypatch, model_dirs):
     assert not int8.passed and not on_samples.int8_accepted and "max abs diff" in int8.problems[0]
     on_eval = export_onnx(source, tmp_path / "eval", backend="torch", eval_dataset=eval_rows())
     int8 = on_eval.parity["int8"]
-    assert int8.accuracy == int8.reference_accuracy  # same predictions: accuracy alone would accept it
-    assert not int8.passed and not on_eval.int8_accepted
+    assert int8.accuracy == int8.reference_accuracy and on_eval.int8_accepted  # same predictions
+    assert int8.atol is None and int8.relative_diff == pytest.approx(1.0, rel=1e-4)
+    strict = export_onnx(source, tmp_path / "strict", backend="torch", eval_dataset=eval_rows(),
+                         int8_parity_atol=0.5 * int8.logit_scale)
+    assert not strict.int8_accepted and "max abs diff" in strict.parity["int8"].problems[0]
 
 
 def test_rejected_int8_keeps_the_export_and_is_not_loaded(tmp_path, monkeypatch, model_dirs, tokenizer):
