@@ -10,6 +10,9 @@ The folder is the one `hf_distill.export.export_onnx` writes (`model.onnx`, `mod
     classify = load_onnx_pipeline("outputs/student/onnx")  # int8 by default
     classify("a gripping, funny film")                     # [{'label': 'positive', 'score': 0.97}]
 
+An int8 file that failed the export's check is moved to `rejected/` and is never loaded by default: asking for
+int8 from such a folder raises an error that says why it was rejected and how to load fp32.
+
 This module also holds the pieces the exporter, the parity check and the benchmark share and that must
 not need torch: the task table, task detection from a config, and building ONNX Runtime feeds.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,6 +31,7 @@ import numpy as np
 FP32_FILE_NAME = "model.onnx"
 INT8_FILE_NAME = "model_quantized.onnx"
 EXPORT_INFO_FILE_NAME = "export_info.json"
+REJECTED_FOLDER_NAME = "rejected"  # where the exporter moves an int8 file that failed its check
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,32 @@ def read_export_info(folder: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+class RejectedModelError(FileNotFoundError):
+    """The int8 model of an export failed the export's check and was set aside."""
+
+
+def int8_rejection(info: Mapping[str, Any]) -> str | None:
+    """Why the export recorded in `info` (an `export_info.json`) rejected its int8 model, or None if it did not."""
+    if info.get("int8_accepted", True) or not info.get("rejected_int8_path"):
+        return None
+    problems = (info.get("parity", {}).get("int8") or {}).get("problems") or ["the fp32 export failed parity"]
+    return "; ".join(problems)
+
+
+def _check_int8_file(folder: Path, model_path: Path) -> None:
+    """Refuse a missing int8 file that the export rejected; warn when a rejected file was put back in place."""
+    info = read_export_info(folder)
+    reason = int8_rejection(info)
+    if reason is None:
+        return
+    if not model_path.is_file():
+        raise RejectedModelError(
+            f"the int8 model of {folder} was rejected at export ({reason}) and moved to "
+            f"{folder / info['rejected_int8_path']}. Load the fp32 model with quantized=False, or re-export with a "
+            "larger int8_max_accuracy_drop (--int8_max_accuracy_drop) if that change is acceptable.")
+    warnings.warn(f"{model_path} is an int8 model the export rejected ({reason}); loading it anyway", stacklevel=3)
+
+
 def create_session(onnx_path: str | os.PathLike, threads: int | None = None):
     """An ONNX Runtime CPU session; `threads` sets the intra-op thread count (inter-op stays 1)."""
     import onnxruntime as ort
@@ -192,6 +223,8 @@ class OnnxPipeline:
         self.folder = Path(folder)
         file_name = INT8_FILE_NAME if quantized else FP32_FILE_NAME
         self.model_path = self.folder / file_name
+        if quantized:
+            _check_int8_file(self.folder, self.model_path)
         if not self.model_path.is_file():
             hint = " Export with quantize=True, or load with quantized=False." if quantized else ""
             raise FileNotFoundError(f"no {file_name} in {self.folder}: is this an exported ONNX folder?{hint}")
@@ -298,5 +331,6 @@ class OnnxPipeline:
 
 
 def load_onnx_pipeline(folder: str | os.PathLike, quantized: bool = True, **kwargs: Any) -> OnnxPipeline:
-    """Load an exported folder (int8 `model_quantized.onnx` by default) as an `OnnxPipeline`."""
+    """Load an exported folder (int8 `model_quantized.onnx` by default) as an `OnnxPipeline`. Raises
+    `RejectedModelError` when int8 is asked for and the export rejected it (use `quantized=False`)."""
     return OnnxPipeline(folder, quantized=quantized, **kwargs)

@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..inference import EXPORT_INFO_FILE_NAME, FP32_FILE_NAME, INT8_FILE_NAME, detect_task, resolve_task
+from ..inference import (EXPORT_INFO_FILE_NAME, FP32_FILE_NAME, INT8_FILE_NAME, REJECTED_FOLDER_NAME, detect_task,
+                         load_tokenizer, resolve_task)
 from . import optimum_backend, parity, quantization, torch_backend
+from .evaluation import EvalSet, build_eval_set
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +45,14 @@ class ExportResult:
     fp32_size_bytes: int
     int8_size_bytes: int | None
     parity: dict[str, parity.ParityResult] = field(default_factory=dict)
+    rejected_int8_path: Path | None = None  # where a rejected int8 file was moved (never loaded by default)
     ort_paths: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def int8_accepted(self) -> bool:
+        """True when `model_quantized.onnx` was written and passed its check (False too when not quantized)."""
+        return self.quantized_path is not None and "int8" in self.parity and self.parity["int8"].passed
 
     @property
     def size_ratio(self) -> float | None:
@@ -57,6 +65,9 @@ class ExportResult:
         data["output_dir"] = self.output_dir.name
         data["model_path"] = self.model_path.name
         data["quantized_path"] = self.quantized_path.name if self.quantized_path else None
+        data["rejected_int8_path"] = (self.rejected_int8_path.relative_to(self.output_dir).as_posix()
+                                      if self.rejected_int8_path else None)
+        data["int8_accepted"] = self.int8_accepted
         data["ort_paths"] = [path.name for path in self.ort_paths]
         data["parity"] = {name: result.to_dict() for name, result in self.parity.items()}
         data["size_ratio"] = self.size_ratio
@@ -106,11 +117,29 @@ def _load_config(model_dir: Path) -> Any:
     return AutoConfig.from_pretrained(model_dir)
 
 
+def _is_export_file(path: Path) -> bool:
+    return path.is_file() and (path.name.startswith(("model.", "model_quantized.")) or path.name == EXPORT_INFO_FILE_NAME)
+
+
 def _remove_stale_outputs(output_dir: Path) -> None:
-    """Earlier export files, so that a failed export never leaves an old model behind."""
-    for path in output_dir.iterdir():
-        if path.is_file() and (path.name.startswith(("model.", "model_quantized.")) or path.name == EXPORT_INFO_FILE_NAME):
-            path.unlink()
+    """Earlier export files (a rejected int8 file included), so that a failed export never leaves an old model."""
+    rejected = output_dir / REJECTED_FOLDER_NAME
+    for folder in (output_dir, rejected) if rejected.is_dir() else (output_dir,):
+        for path in folder.iterdir():
+            if _is_export_file(path):
+                path.unlink()
+    if rejected.is_dir() and not any(rejected.iterdir()):
+        rejected.rmdir()
+
+
+def set_aside_int8(output_dir: Path) -> Path:
+    """Move `model_quantized.onnx` (and its external data) into `<output_dir>/rejected/`, where
+    `load_onnx_pipeline` does not look; returns the new path of the model file."""
+    rejected = output_dir / REJECTED_FOLDER_NAME
+    rejected.mkdir(exist_ok=True)
+    for path in output_dir.glob(INT8_FILE_NAME.split(".")[0] + ".*"):
+        path.replace(rejected / path.name)
+    return rejected / INT8_FILE_NAME
 
 
 def convert_to_ort_format(output_dir: Path, onnx_paths: Sequence[Path]) -> list[Path]:
@@ -127,6 +156,105 @@ def convert_to_ort_format(output_dir: Path, onnx_paths: Sequence[Path]) -> list[
     return written
 
 
+@dataclass
+class _Plan:
+    """The resolved inputs of one export."""
+
+    model_dir: Path
+    output_dir: Path
+    config: Any
+    task: str
+    backend: str
+    backend_reason: str
+
+
+def _plan(model_dir: str | os.PathLike, output_dir: str | os.PathLike | None, task: str | None, backend: str) -> _Plan:
+    model_dir = Path(model_dir)
+    config = _load_config(model_dir)
+    task = resolve_task(task) if task else detect_task(config)
+    chosen, reason = choose_backend(backend)
+    logger.info("ONNX export backend: %s (%s)", chosen, reason)
+    output_dir = Path(output_dir) if output_dir is not None else model_dir / "onnx"
+    return _Plan(model_dir, output_dir, config, task, chosen, reason)
+
+
+def _prepare_eval_set(plan: _Plan, eval_dataset: Any, criteria: parity.ParityCriteria) -> EvalSet | None:
+    if eval_dataset is None:
+        return None
+    eval_set = build_eval_set(eval_dataset, plan.task, load_tokenizer(plan.model_dir, for_batching=True), plan.config)
+    if plan.task == "sequence-classification" and 100 / eval_set.num_rows > criteria.int8_max_accuracy_drop:
+        logger.warning("one changed prediction out of %d eval rows moves accuracy by %.2f points, more than "
+                       "int8_max_accuracy_drop %g: a single flip rejects int8 (give more rows)",
+                       eval_set.num_rows, 100 / eval_set.num_rows, criteria.int8_max_accuracy_drop)
+    return eval_set
+
+
+def _export_fp32(plan: _Plan, opset: int, per_channel: bool) -> tuple[ExportResult, dict[str, Any]]:
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_outputs(plan.output_dir)
+    model_path = plan.output_dir / FP32_FILE_NAME
+    if plan.backend == "optimum":
+        facts = optimum_backend.export_with_optimum(plan.model_dir, plan.output_dir, plan.task, opset)
+    else:
+        facts = torch_backend.export_with_torch(plan.model_dir, model_path, plan.task, opset)
+    copy_model_files(plan.model_dir, plan.output_dir)
+    logger.info("exported %s (%s, opset %d, with past: %s, external data: %s)", model_path, plan.task, opset,
+                facts["with_past"], facts["external_data"])
+    result = ExportResult(
+        output_dir=plan.output_dir, model_path=model_path, quantized_path=None, task=plan.task, backend=plan.backend,
+        backend_reason=plan.backend_reason, opset=opset, with_past=facts["with_past"],
+        external_data=facts["external_data"], quantization_preset=None, per_channel=per_channel,
+        fp32_size_bytes=quantization.onnx_size_bytes(model_path), int8_size_bytes=None,
+    )
+    return result, facts
+
+
+def _quantize(result: ExportResult, facts: dict[str, Any]) -> None:
+    preset = quantization.detect_quantization_preset()
+    quantized_path = result.output_dir / INT8_FILE_NAME
+    if result.backend == "optimum":
+        optimum_backend.quantize_with_optimum(result.output_dir, preset, result.per_channel, facts["external_data"])
+    else:
+        quantization.quantize_with_onnxruntime(result.model_path, quantized_path, preset, result.per_channel,
+                                               facts["external_data"])
+    result.quantized_path, result.quantization_preset = quantized_path, preset
+    result.int8_size_bytes = quantization.onnx_size_bytes(quantized_path)
+    logger.info("int8 (%s preset, per-channel %s): %.2f MB -> %.2f MB", preset, result.per_channel,
+                result.fp32_size_bytes / 1e6, result.int8_size_bytes / 1e6)
+
+
+def _check_parity(result: ExportResult, plan: _Plan, criteria: parity.ParityCriteria, eval_set: EvalSet | None,
+                  sample_texts: Sequence[str] | None) -> None:
+    """Compare every written file with PyTorch and record the verdicts in `result.parity`."""
+    reference = torch_backend.load_torch_model(plan.model_dir, plan.task)
+    paths = {"fp32": result.model_path, **({"int8": result.quantized_path} if result.quantized_path else {})}
+    if eval_set is not None:
+        tallies, source = parity.tally_eval_set(reference, paths, plan.task, eval_set), eval_set.source
+    else:
+        inputs, source = parity.sample_inputs(plan.model_dir, plan.config, sample_texts)
+        tallies = {name: parity.tally_samples(reference, path, plan.task, inputs) for name, path in paths.items()}
+    for precision, tally in tallies.items():
+        verdict = parity.judge(tally, precision, criteria, source, on_eval_set=eval_set is not None)
+        result.parity[precision] = verdict
+        accuracy = (f", accuracy {100 * verdict.accuracy:.2f}% (PyTorch fp32 {100 * verdict.reference_accuracy:.2f}%)"
+                    if verdict.accuracy is not None else "")
+        logger.info("%s parity on %s: max abs diff %.3g (logit scale %.3g), argmax agreement %.1f%%%s", precision,
+                    source, verdict.max_abs_diff, verdict.logit_scale, 100 * verdict.argmax_agreement, accuracy)
+
+
+def _apply_verdicts(result: ExportResult) -> None:
+    """Set a failed int8 file aside (the fp32 export and every other file stay), write `export_info.json`, and
+    raise `ParityError` when fp32 parity failed (then the export itself is wrong)."""
+    fp32, int8 = result.parity["fp32"], result.parity.get("int8")
+    if result.quantized_path is not None and not (fp32.passed and int8 is not None and int8.passed):
+        result.rejected_int8_path, result.quantized_path = set_aside_int8(result.output_dir), None
+        reasons = "; ".join(int8.problems) if int8 is not None and int8.problems else "the fp32 export failed parity"
+        logger.warning("int8 model rejected (%s): moved to %s, where load_onnx_pipeline does not load it%s", reasons,
+                       result.rejected_int8_path, "; the fp32 model.onnx is kept and usable" if fp32.passed else "")
+    _write_export_info(result)
+    parity.raise_on_failure(fp32, result.model_path)
+
+
 def export_onnx(
     model_dir: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
@@ -136,6 +264,8 @@ def export_onnx(
     per_channel: bool = False,
     backend: str = "auto",
     opset: int = 17,
+    eval_dataset: Any = None,
+    int8_max_accuracy_drop: float = parity.INT8_MAX_ACCURACY_DROP,
     parity_atol: float | None = None,
     int8_parity_atol: float | None = None,
     int8_min_agreement: float = parity.INT8_MIN_ARGMAX_AGREEMENT,
@@ -146,67 +276,29 @@ def export_onnx(
 
     Writes `model.onnx` (fp32) and, with `quantize`, `model_quantized.onnx` (dynamic int8, preset from this
     CPU), plus config and tokenizer files, so the folder loads with `hf_distill.inference.load_onnx_pipeline`
-    and with Optimum's `ORTModelFor*` (`file_name="model_quantized.onnx"` for int8). `backend="auto"` uses
-    Optimum when it imports, else `torch.onnx.export` + `onnxruntime.quantization`. Each file is compared
-    with PyTorch on a sample batch; `ParityError` is raised past `parity_atol` (fp32) or past
-    `int8_parity_atol` / below `int8_min_agreement` argmax agreement (int8).
+    and with Optimum's `ORTModelFor*`. `backend="auto"` uses Optimum when it imports, else `torch.onnx.export`
+    + `onnxruntime.quantization`.
+
+    Each file is compared with PyTorch fp32 on `eval_dataset` (a `datasets.Dataset` or list of dicts; columns in
+    `hf_distill.export.evaluation`) when given, else on `sample_texts` (or built-in sentences). Max abs diff
+    tolerances default to a fraction of the logit scale (`parity_atol` / `int8_parity_atol` set absolute ones).
+    int8 is accepted when its accuracy on the eval set is at most `int8_max_accuracy_drop` points below
+    PyTorch's (without an eval set: argmax agreement >= `int8_min_agreement`). A rejected int8 file is moved to
+    `<output_dir>/rejected/`; the verdict is `result.int8_accepted` and `result.parity["int8"]`, and nothing
+    else is removed. `ParityError` is raised only when fp32 parity fails.
     """
     started = time.perf_counter()
-    model_dir = Path(model_dir)
-    config = _load_config(model_dir)
-    task = resolve_task(task) if task else detect_task(config)
-    chosen, reason = choose_backend(backend)
-    logger.info("ONNX export backend: %s (%s)", chosen, reason)
-    output_dir = Path(output_dir) if output_dir is not None else model_dir / "onnx"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_outputs(output_dir)
-    model_path = output_dir / FP32_FILE_NAME
-
-    if chosen == "optimum":
-        facts = optimum_backend.export_with_optimum(model_dir, output_dir, task, opset)
-    else:
-        facts = torch_backend.export_with_torch(model_dir, model_path, task, opset)
-    copy_model_files(model_dir, output_dir)
-    logger.info("exported %s (%s, opset %d, with past: %s, external data: %s)", model_path, task, opset,
-                facts["with_past"], facts["external_data"])
-
-    reference = torch_backend.load_torch_model(model_dir, task)
-    inputs, source = parity.sample_inputs(model_dir, config, sample_texts)
-    result = ExportResult(
-        output_dir=output_dir, model_path=model_path, quantized_path=None, task=task, backend=chosen,
-        backend_reason=reason, opset=opset, with_past=facts["with_past"], external_data=facts["external_data"],
-        quantization_preset=None, per_channel=per_channel, fp32_size_bytes=quantization.onnx_size_bytes(model_path),
-        int8_size_bytes=None,
-    )
-    fp32_atol = parity_atol if parity_atol is not None else parity.default_atol(task, "fp32")
-    result.parity["fp32"] = parity.measure_parity(reference, model_path, task, inputs, "fp32", fp32_atol, 1.0, source)
-    logger.info("fp32 parity: max abs diff %.3g, argmax agreement %.1f%%", result.parity["fp32"].max_abs_diff,
-                100 * result.parity["fp32"].argmax_agreement)
-    _write_export_info(result)
-    parity.raise_on_failure(result.parity["fp32"], model_path)
-
+    criteria = parity.ParityCriteria(parity_atol, int8_parity_atol, int8_min_agreement, int8_max_accuracy_drop)
+    plan = _plan(model_dir, output_dir, task, backend)
+    eval_set = _prepare_eval_set(plan, eval_dataset, criteria)
+    result, facts = _export_fp32(plan, opset, per_channel)
     if quantize:
-        preset = quantization.detect_quantization_preset()
-        quantized_path = output_dir / INT8_FILE_NAME
-        if chosen == "optimum":
-            optimum_backend.quantize_with_optimum(output_dir, preset, per_channel, facts["external_data"])
-        else:
-            quantization.quantize_with_onnxruntime(model_path, quantized_path, preset, per_channel,
-                                                   facts["external_data"])
-        result.quantized_path, result.quantization_preset = quantized_path, preset
-        result.int8_size_bytes = quantization.onnx_size_bytes(quantized_path)
-        int8_atol = int8_parity_atol if int8_parity_atol is not None else parity.default_atol(task, "int8")
-        result.parity["int8"] = parity.measure_parity(reference, quantized_path, task, inputs, "int8", int8_atol,
-                                                      int8_min_agreement, source)
-        logger.info("int8 (%s preset, per-channel %s): %.2f MB -> %.2f MB; max abs diff %.3g, argmax agreement "
-                    "%.1f%%", preset, per_channel, result.fp32_size_bytes / 1e6, result.int8_size_bytes / 1e6,
-                    result.parity["int8"].max_abs_diff, 100 * result.parity["int8"].argmax_agreement)
-        _write_export_info(result)
-        parity.raise_on_failure(result.parity["int8"], quantized_path)
-
+        _quantize(result, facts)
+    _check_parity(result, plan, criteria, eval_set, sample_texts)
+    _apply_verdicts(result)
     if ort_format:
-        onnx_paths = [model_path] + ([result.quantized_path] if result.quantized_path else [])
-        result.ort_paths = convert_to_ort_format(output_dir, onnx_paths)
+        onnx_paths = [result.model_path] + ([result.quantized_path] if result.quantized_path else [])
+        result.ort_paths = convert_to_ort_format(result.output_dir, onnx_paths)
     result.seconds = time.perf_counter() - started
     _write_export_info(result)
     return result
