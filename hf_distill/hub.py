@@ -70,7 +70,7 @@ STUDENT_FILES = (
 PUSHED_FOLDERS = ("onnx",)
 #: Never pushed, even inside a pushed folder.
 NEVER_PUSHED = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
-                "*teacher*")
+                "*teacher*", "rejected")  # rejected: an int8 export that failed its check (export_onnx)
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 REPO_ID_RULE = (

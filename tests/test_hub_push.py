@@ -234,6 +234,8 @@ def test_files_to_push_is_the_allowlist(tmp_path: Path) -> None:
     run = make_run_folder(tmp_path / "run")
     (run / "onnx" / ".cache").mkdir()
     (run / "onnx" / ".cache" / "x").write_text("hidden")
+    (run / "onnx" / "rejected").mkdir()
+    (run / "onnx" / "rejected" / "model_quantized.onnx").write_bytes(b"int8 that failed its check")
     (run / "adapter_config.json").write_text("{}")
     (run / "adapter_model.safetensors").write_bytes(b"lora")
     expected = sorted({*EXPECTED_PUSHED, "adapter_config.json", "adapter_model.safetensors"} - {"README.md"})
