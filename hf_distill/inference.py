@@ -52,7 +52,7 @@ SUPPORTED_TASKS: dict[str, TaskSpec] = {
         TaskSpec("token-classification", ("ForTokenClassification",), ("logits",), "token-classification", True),
         TaskSpec("question-answering", ("ForQuestionAnswering",), ("start_logits", "end_logits"),
                  "question-answering", False),
-        TaskSpec("text-generation", ("ForCausalLM", "LMHeadModel"), ("logits",), "text-generation-with-past", True),
+        TaskSpec("causal-lm", ("ForCausalLM", "LMHeadModel"), ("logits",), "text-generation-with-past", True),
     )
 }
 TASK_ALIASES = {
@@ -60,8 +60,8 @@ TASK_ALIASES = {
     "sentiment-analysis": "sequence-classification",
     "ner": "token-classification",
     "qa": "question-answering",
-    "causal-lm": "text-generation",
-    "text-generation-with-past": "text-generation",
+    "text-generation": "causal-lm",
+    "text-generation-with-past": "causal-lm",
 }
 
 
@@ -81,13 +81,16 @@ def resolve_task(task: str) -> str:
 
 
 def detect_task(config: Any) -> str:
-    """The supported task of a model, read from `config.architectures` (a config object or a dict)."""
+    """The supported task of a model, read from `config.architectures` (a config object or a dict), with the
+    names training uses (:func:`hf_distill.tasks.task_of_class_name`)."""
+    from .tasks import task_of_class_name
+
     architectures = (config.get("architectures") if isinstance(config, Mapping)
                      else getattr(config, "architectures", None)) or []
     for architecture in architectures:
-        for spec in SUPPORTED_TASKS.values():
-            if architecture.endswith(spec.architecture_suffixes):
-                return spec.name
+        task = task_of_class_name(architecture)
+        if task in SUPPORTED_TASKS:
+            return task
     suffixes = ", ".join(suffix for spec in SUPPORTED_TASKS.values() for suffix in spec.architecture_suffixes)
     raise UnsupportedTaskError(
         f"cannot export architecture(s) {architectures or 'none listed in config.json'}: supported model classes "
@@ -213,7 +216,7 @@ class OnnxPipeline:
     - sequence-classification: `pipe("text")` -> `[{"label", "score"}]`; a list of texts gives one dict each.
     - token-classification: `pipe("text")` -> one `{"token", "label", "score", "start", "end"}` per token.
     - question-answering: `pipe(question=..., context=...)` -> `{"answer", "score", "start", "end"}`.
-    - text-generation: `pipe("prompt", max_new_tokens=20)` -> `[{"generated_text"}]` (greedy).
+    - causal-lm (text generation): `pipe("prompt", max_new_tokens=20)` -> `[{"generated_text"}]` (greedy).
     """
 
     def __init__(self, folder: str | os.PathLike, quantized: bool = True, *, threads: int | None = None,
@@ -230,7 +233,7 @@ class OnnxPipeline:
             raise FileNotFoundError(f"no {file_name} in {self.folder}: is this an exported ONNX folder?{hint}")
         self.config = AutoConfig.from_pretrained(self.folder)
         self.task = resolve_task(task) if task else read_export_info(self.folder).get("task") or detect_task(self.config)
-        self.tokenizer = load_tokenizer(self.folder, for_batching=self.task != "text-generation")
+        self.tokenizer = load_tokenizer(self.folder, for_batching=self.task != "causal-lm")
         if self.tokenizer is None:
             raise FileNotFoundError(
                 f"no tokenizer files in {self.folder}: save the tokenizer with the model before exporting, or "

@@ -54,16 +54,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def task_of_class_name(name: str) -> Optional[str]:
+    """The task of a model class name (``BertForSequenceClassification`` -> ``sequence-classification``), or None."""
+    return next((task for suffix, task in TASK_BY_CLASS_SUFFIX.items() if name.endswith(suffix)), None)
+
+
 def detect_task(model: nn.Module) -> str:
     """Infer the distillation task from the model class name (e.g. ``BertForSequenceClassification``)."""
     name = type(unwrap_model(model)).__name__
-    for suffix, task in TASK_BY_CLASS_SUFFIX.items():
-        if name.endswith(suffix):
-            return task
-    raise ValueError(
-        f"Cannot tell the task of a {name}: use a *ForSequenceClassification, *ForTokenClassification, "
-        "*ForQuestionAnswering or *ForCausalLM model, or set `distillation_task` explicitly."
-    )
+    task = task_of_class_name(name)
+    if task is None:
+        raise ValueError(
+            f"Cannot tell the task of a {name}: use a *ForSequenceClassification, *ForTokenClassification, "
+            "*ForQuestionAnswering or *ForCausalLM model, or set `distillation_task` explicitly."
+        )
+    return task
 
 
 def task_logits(outputs: Any, task: str) -> torch.Tensor:

@@ -34,7 +34,7 @@ class ExportArguments:
     model_dir: str = field(metadata={"help": "Saved model folder (config.json, weights, tokenizer)."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Where to write; default <model_dir>/onnx."})
     task: Optional[str] = field(default=None, metadata={
-        "help": "sequence-classification, token-classification, question-answering or text-generation; "
+        "help": "sequence-classification, token-classification, question-answering or causal-lm (alias text-generation); "
                 "default: from config.architectures."})
     quantize: bool = field(default=True, metadata={"help": "Also write the dynamic int8 model_quantized.onnx."})
     per_channel: bool = field(default=False, metadata={"help": "Per-channel weight quantization."})

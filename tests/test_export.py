@@ -87,7 +87,7 @@ def build_model(task: str, tokenizer, seed: int = 0, **config_kwargs):
                                       bos_token_id=special, eos_token_id=special, pad_token_id=0))
 
 
-TASKS = ["sequence-classification", "token-classification", "question-answering", "text-generation"]
+TASKS = ["sequence-classification", "token-classification", "question-answering", "causal-lm"]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_torch_export_parity_and_size(task, torch_exports):
 
 
 def test_causal_lm_export_has_past_key_values(torch_exports):
-    result = torch_exports["text-generation"]
+    result = torch_exports["causal-lm"]
     assert result.with_past
     session = create_session(result.model_path)
     names = [arg.name for arg in session.get_inputs()]
@@ -178,9 +178,9 @@ def test_inference_helper_question_answering(torch_exports):
 def test_inference_helper_generation_uses_cache(torch_exports, model_dirs, tokenizer):
     import torch
 
-    generated = load_onnx_pipeline(torch_exports["text-generation"].output_dir, quantized=False)(
+    generated = load_onnx_pipeline(torch_exports["causal-lm"].output_dir, quantized=False)(
         "the film", max_new_tokens=5)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dirs["text-generation"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dirs["causal-lm"])
     ids = tokenizer("the film", add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         for _ in range(5):
@@ -399,9 +399,9 @@ def test_eval_set_token_classification_and_text_generation(tmp_path, model_dirs,
         correct += (logits.argmax(-1).numpy() == np.array(row_tags)).tolist()
     assert result.parity["int8"].reference_accuracy == pytest.approx(np.mean(correct))
     texts = ["the film is good and the story is fun", "boring ."]
-    result = export_onnx(model_dirs["text-generation"], tmp_path / "lm", backend="torch",
+    result = export_onnx(model_dirs["causal-lm"], tmp_path / "lm", backend="torch",
                          eval_dataset=[{"text": text} for text in texts])
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dirs["text-generation"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dirs["causal-lm"])
     correct = []
     for text in texts:
         ids = tokenizer(text, return_tensors="pt")["input_ids"]
@@ -411,7 +411,7 @@ def test_eval_set_token_classification_and_text_generation(tmp_path, model_dirs,
     assert fp32.reference_accuracy == pytest.approx(np.mean(correct)) and fp32.passed
     assert fp32.num_predictions == sum(len(tokenizer(text)["input_ids"]) for text in texts)
     split = [{"prompt": "the film is ", "completion": "good and the story is fun"}, {"prompt": "boring", "completion": " ."}]
-    result = export_onnx(model_dirs["text-generation"], tmp_path / "lm", backend="torch", eval_dataset=split)
+    result = export_onnx(model_dirs["causal-lm"], tmp_path / "lm", backend="torch", eval_dataset=split)
     assert result.parity["fp32"].reference_accuracy == pytest.approx(np.mean(correct))  # prompt + completion
 
 
@@ -477,10 +477,24 @@ def test_unknown_backend(model_dirs):
 
 def test_task_detection():
     assert detect_task({"architectures": ["DistilBertForSequenceClassification"]}) == "sequence-classification"
-    assert detect_task({"architectures": ["GPT2LMHeadModel"]}) == "text-generation"
-    assert detect_task({"architectures": ["LlamaForCausalLM"]}) == "text-generation"
+    assert detect_task({"architectures": ["GPT2LMHeadModel"]}) == "causal-lm"
+    assert detect_task({"architectures": ["LlamaForCausalLM"]}) == "causal-lm"
     with pytest.raises(UnsupportedTaskError):
         detect_task({"architectures": None})
+
+
+def test_training_and_export_name_every_task_alike():
+    from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification,
+                              BertForTokenClassification, GPT2Config, GPT2LMHeadModel)
+
+    from hf_distill.tasks import detect_task as training_task
+
+    bert = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    models = [cls(bert) for cls in (BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering)]
+    models.append(GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2)))
+    for model in models:
+        config = {"architectures": [type(model).__name__]}
+        assert detect_task(config) == training_task(model), type(model).__name__
 
 
 def test_benchmark_sequence_length_fits_the_models():
@@ -571,7 +585,7 @@ def test_export_script_with_report(tmp_path, model_dirs):
 ORT_CLASSES = {"sequence-classification": "ORTModelForSequenceClassification",
                "token-classification": "ORTModelForTokenClassification",
                "question-answering": "ORTModelForQuestionAnswering",
-               "text-generation": "ORTModelForCausalLM"}
+               "causal-lm": "ORTModelForCausalLM"}
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -582,7 +596,7 @@ def test_optimum_export_each_task(task, tmp_path, model_dirs, caplog):
     assert result.backend == "optimum" and "ONNX export backend: optimum" in caplog.text
     assert result.parity["fp32"].passed and result.parity["fp32"].max_abs_diff <= 1e-4
     assert result.parity["int8"].passed and result.int8_size_bytes < 0.5 * result.fp32_size_bytes
-    if task == "text-generation":
+    if task == "causal-lm":
         assert result.with_past
     info = json.loads((result.output_dir / "export_info.json").read_text())
     assert info["backend"] == "optimum" and info["quantization_preset"] == detect_quantization_preset()
@@ -596,7 +610,7 @@ def test_optimum_export_each_task(task, tmp_path, model_dirs, caplog):
     reference = getattr(transformers, ORT_CLASSES[task].replace("ORTModel", "AutoModel")).from_pretrained(
         model_dirs[task]).eval()
     encoded = build_tokenizer()(["the film is good"], return_tensors="pt")
-    if task == "text-generation":
+    if task == "causal-lm":
         encoded.pop("token_type_ids", None)
     first_output = "start_logits" if task == "question-answering" else "logits"
     with torch.inference_mode():
@@ -619,7 +633,7 @@ def test_torch_export_folder_loads_in_optimum(task, torch_exports, model_dirs, t
     reference = getattr(transformers, ORT_CLASSES[task].replace("ORTModel", "AutoModel")).from_pretrained(
         model_dirs[task])
     inputs = tokenizer(["the film is good", "boring"], padding=True, return_tensors="pt")
-    if task == "text-generation":
+    if task == "causal-lm":
         inputs.pop("token_type_ids")
         prompt = tokenizer(["the film"], return_tensors="pt", return_token_type_ids=False, add_special_tokens=False)
         expected_ids = reference.generate(**prompt, max_new_tokens=4, do_sample=False)

@@ -5,7 +5,7 @@ into batches with the labels each task is scored on.
   one prediction per row.
 - token-classification: `tokens` (a list of words) and `labels` or `ner_tags` (one per word); scored on the
   first sub-token of each word.
-- text-generation: `text` (or `prompt` and `completion`, joined); scored on next-token prediction at every
+- causal-lm: `text` (or `prompt` and `completion`, joined); scored on next-token prediction at every
   position that has a next token.
 """
 
@@ -20,13 +20,13 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-EVAL_BATCH_SIZE = {"text-generation": 4}  # vocabulary-sized logits per position: small batches
+EVAL_BATCH_SIZE = {"causal-lm": 4}  # vocabulary-sized logits per position: small batches
 DEFAULT_EVAL_BATCH_SIZE = 32
 MAX_EVAL_LENGTH = 512
 COLUMNS = {  # task -> (required columns, optional columns, alternatives for the label column)
     "sequence-classification": (("text", "label"), ("text_pair",), {"label": ("label", "labels")}),
     "token-classification": (("tokens", "labels"), (), {"labels": ("labels", "ner_tags")}),
-    "text-generation": (("text",), (), {}),
+    "causal-lm": (("text",), (), {}),
 }
 
 
@@ -64,7 +64,7 @@ def eval_columns(eval_dataset: Any, task: str) -> dict[str, list]:
         get = lambda name: [row[name] for row in rows]  # noqa: E731
     if len(eval_dataset) == 0:
         raise ValueError("eval_dataset is empty: give it the rows of your validation split, or pass eval_dataset=None")
-    if task == "text-generation" and "text" not in found and {"prompt", "completion"} <= set(found):
+    if task == "causal-lm" and "text" not in found and {"prompt", "completion"} <= set(found):
         return {"text": [prompt + completion for prompt, completion in zip(get("prompt"), get("completion"))]}
     columns = {}
     for name in required:
@@ -142,7 +142,7 @@ def _text_generation(columns: dict[str, list], tokenizer: Any, config: Any, star
 
 
 BATCH_BUILDERS = {"sequence-classification": _classification, "token-classification": _token_classification,
-                  "text-generation": _text_generation}
+                  "causal-lm": _text_generation}
 
 
 def build_eval_set(eval_dataset: Any, task: str, tokenizer: Any, config: Any,

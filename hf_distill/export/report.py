@@ -150,7 +150,7 @@ class _TorchRunner:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         inputs = {key: torch.from_numpy(value) for key, value in batch.items() if key in self.accepted}
-        if self.task == "text-generation":
+        if self.task == "causal-lm":
             inputs["use_cache"] = False
         with torch.inference_mode():
             outputs = self.model(**inputs, return_dict=True)

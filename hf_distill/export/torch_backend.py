@@ -36,7 +36,7 @@ def auto_model_class(task: str) -> type:
         "sequence-classification": "AutoModelForSequenceClassification",
         "token-classification": "AutoModelForTokenClassification",
         "question-answering": "AutoModelForQuestionAnswering",
-        "text-generation": "AutoModelForCausalLM",
+        "causal-lm": "AutoModelForCausalLM",
     }
     return getattr(transformers, names[task])
 
@@ -59,7 +59,7 @@ def parameter_bytes(model: nn.Module) -> int:
 def model_input_names(model: nn.Module, task: str) -> list[str]:
     """Inputs to export: the encoder inputs the model's forward accepts, or the decoder inputs for LMs."""
     accepted = inspect.signature(model.forward).parameters
-    if task == "text-generation":
+    if task == "causal-lm":
         return [name for name in ("input_ids", "attention_mask", "position_ids") if name in accepted]
     return [name for name in ENCODER_INPUT_NAMES if name in accepted]
 
@@ -231,7 +231,7 @@ def export_with_torch(model_dir: Path, output_path: Path, task: str, opset: int,
     # Write to a scratch folder first: past 2 GiB the legacy exporter scatters one file per tensor.
     with tempfile.TemporaryDirectory(dir=output_path.parent) as scratch:
         scratch_path = Path(scratch) / output_path.name
-        if task == "text-generation":
+        if task == "causal-lm":
             try:
                 _export_decoder_with_past(model, input_names, scratch_path, opset)
                 with_past = True
