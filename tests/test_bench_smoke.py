@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_loss_memory.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loss_memory.py"
 
 
 def test_bench_loss_memory_quick(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "bench_sst2.py"
+SCRIPT = REPO / "benchmarks" / "bench_sst2.py"
 DATA = REPO.parent / "shared" / "data"
 
 

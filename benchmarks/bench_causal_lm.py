@@ -26,9 +26,9 @@ Measured per run, each in a fresh subprocess, one after the other:
     full logits, the gap of top-k training to full-logit training for k = 8, 32, 128, and the
     approximation gap of the top-k loss itself at initialisation.
 
-    .venv/bin/python scripts/bench_causal_lm.py                 # both students, 300 steps (~10 min on 2 cores)
-    .venv/bin/python scripts/bench_causal_lm.py --with_trl      # + TRL's GKDTrainer as a peer
-    .venv/bin/python scripts/bench_causal_lm.py --quick         # one student, 20 steps, a smoke run
+    .venv/bin/python benchmarks/bench_causal_lm.py                 # both students, 300 steps (~10 min on 2 cores)
+    .venv/bin/python benchmarks/bench_causal_lm.py --with_trl      # + TRL's GKDTrainer as a peer
+    .venv/bin/python benchmarks/bench_causal_lm.py --quick         # one student, 20 steps, a smoke run
 
 Prints markdown tables and writes ``bench_results/causal_lm.json`` (``--output``).
 """
@@ -52,6 +52,7 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "T
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # distill_causal_lm's openings and metrics
 
 from bench_loss_memory import peak_kb, reset_peak, status_kb  # noqa: E402
 from distill_causal_lm import (  # noqa: E402
@@ -610,7 +611,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
     report = run_benchmark(args)
     print(f"stories260K distillation, {args.steps} steps × batch {args.batch_size}, lr {args.learning_rate}, "
           f"T={args.temperature}, {args.threads} thread(s); command: "
-          f"python scripts/bench_causal_lm.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+          f"python benchmarks/bench_causal_lm.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print()
     print(markdown_tables(report))
     output = Path(args.output)

@@ -17,8 +17,8 @@ On a machine with N cores or fewer, the N ranks share them with everything else 
 loading, the launcher, other jobs), so the efficiency measures contention as much as DDP's cost; the
 all-reduce itself is timed separately (``allreduce_ms``: one gloo all-reduce of the student's gradient size).
 
-    python scripts/bench_scaling.py --output runs/bench_scaling.json
-    python scripts/bench_scaling.py --quick            # tiny models, 1 round, without the threads layout
+    python benchmarks/bench_scaling.py --output runs/bench_scaling.json
+    python benchmarks/bench_scaling.py --quick            # tiny models, 1 round, without the threads layout
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional, Sequence  # noqa: E402
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS))
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -18,9 +18,9 @@ Beside them: the teachers, their ensemble, and TF-IDF + logistic regression (sci
 installed: ``pip install -e .[bench]``) as a sanity baseline. It writes ``bench_results/sst2.json``
 and prints a markdown table.
 
-    nice python scripts/bench_sst2.py                      # full benchmark (about 30-60 min on 2 cores)
-    nice python scripts/bench_sst2.py --quick              # a smoke run on 200 rows (under a minute)
-    nice python scripts/bench_sst2.py --only a --seeds 0   # one group, one seed
+    nice python benchmarks/bench_sst2.py                      # full benchmark (about 30-60 min on 2 cores)
+    nice python benchmarks/bench_sst2.py --quick              # a smoke run on 200 rows (under a minute)
+    nice python benchmarks/bench_sst2.py --only a --seeds 0   # one group, one seed
 
 Finished student runs are cached as JSON in ``--runs_dir`` (keyed by their full recipe), so an
 interrupted benchmark resumes where it stopped; ``--fresh`` ignores that cache (not the teachers').

@@ -16,8 +16,8 @@ else ``ru_maxrss`` is used), then one forward + backward runs; the extra peak is
 every variant (a real model needs it for its own backward); the table also shows the extra peak
 without it. Values and gradients of every variant are compared with the naive ones (max abs diff).
 
-    .venv/bin/python scripts/bench_loss_memory.py              # N=4096, V=32000, 3 repeats
-    .venv/bin/python scripts/bench_loss_memory.py --quick      # tiny sizes, a few seconds
+    .venv/bin/python benchmarks/bench_loss_memory.py              # N=4096, V=32000, 3 repeats
+    .venv/bin/python benchmarks/bench_loss_memory.py --quick      # tiny sizes, a few seconds
 
 Prints a markdown table and writes ``bench_results/loss_memory.json`` (``--output``).
 """

@@ -18,10 +18,10 @@ backward, optimizer: everything the loop does), after warm-up steps. The variant
 (a, b, c, d, a, b, ...) for ``--repeats`` rounds so that load from other processes spreads evenly, and the
 reported figure is the median over all timed steps of all rounds.
 
-    python scripts/bench_overhead.py --output runs/bench_overhead.json
-    python scripts/bench_overhead.py --quick            # seconds, for the smoke test
-    python scripts/bench_overhead.py --profile          # also: where the time of (c) goes, per op
-    python scripts/bench_overhead.py --loss_profile     # also: the logits loss alone, generic and fused
+    python benchmarks/bench_overhead.py --output runs/bench_overhead.json
+    python benchmarks/bench_overhead.py --quick            # seconds, for the smoke test
+    python benchmarks/bench_overhead.py --profile          # also: where the time of (c) goes, per op
+    python benchmarks/bench_overhead.py --loss_profile     # also: the logits loss alone, generic and fused
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 student fp32 PyTorch, student fp32 ONNX and student int8 ONNX; print the table and this project's deployment goals
 (the goals live here, not in the report a user's run writes).
 
-    python scripts/bench_export.py --teacher_dir runs/sst2/teacher --student_dir runs/sst2/student \
+    python benchmarks/bench_export.py --teacher_dir runs/sst2/teacher --student_dir runs/sst2/student \
         --eval_file ../shared/data/sst2/validation.jsonl --output_dir bench_results/export_sst2
-    python scripts/bench_export.py --synthetic --output_dir bench_results/export_synthetic
+    python benchmarks/bench_export.py --synthetic --output_dir bench_results/export_synthetic
 
 `--synthetic` first trains the demo's pair offline: a 4-layer BERT teacher (hidden 64) on the negation-sentiment
 task made in code, and a 2-layer student built from its layers and distilled on noisy labels (position
