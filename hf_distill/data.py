@@ -144,19 +144,19 @@ def missing_local_data(name: str, flag: str = "--dataset") -> FileNotFoundError:
     )
 
 
-def load_hub_dataset(name: str, flag: str = "--dataset", **kwargs: Any) -> Any:
-    """``datasets.load_dataset(name, **kwargs)`` for a name that is not a local path; a failure says that
-    ``name`` is neither a local path nor reachable on the Hub, and what to pass instead."""
+def load_hub_dataset(path: str, flag: str = "--dataset", **kwargs: Any) -> Any:
+    """``datasets.load_dataset(path, **kwargs)`` for a Hub name that is not a local path; a failure says that
+    ``path`` is neither a local path nor reachable on the Hub, and what to pass instead."""
     import datasets
 
-    if looks_like_local_path(name):
-        raise missing_local_data(name, flag)
+    if looks_like_local_path(path):
+        raise missing_local_data(path, flag)
     try:
-        return datasets.load_dataset(name, **kwargs)
+        return datasets.load_dataset(path, **kwargs)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as error:
         offline = " (the Hub is off: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)" if _hub_offline() else ""
         raise FileNotFoundError(
-            f"{flag} {name!r} is not a local file or folder (looked for {Path(name).expanduser().resolve()}) and "
+            f"{flag} {path!r} is not a local file or folder (looked for {Path(path).expanduser().resolve()}) and "
             f"could not be loaded from the Hub{offline}: {error}. Check the path, or pass a folder of "
             "{train,validation,test}.jsonl files or a .jsonl file."
         ) from error
