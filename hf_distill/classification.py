@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import (

@@ -80,9 +80,6 @@ SCRIPT_DEFAULTS = {
     "distillation_task": "causal-lm", "temperature": 1.0, "learning_rate": 1e-3, "per_device_train_batch_size": 8,
     "report_to": "none", "save_strategy": "no", "logging_steps": 10,
 }
-#: Fields the lead's on-policy work adds to DistillationArguments; the flags are refused clearly until then.
-ON_POLICY_FIELDS = ("lmbda", "generation_max_new_tokens", "generation_temperature", "generation_top_p",
-                    "generation_top_k")
 
 
 @dataclass
@@ -181,12 +178,6 @@ class ScriptArguments:
 # ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
-def _distillation_field_names() -> set[str]:
-    from hf_distill import DistillationArguments
-
-    return {f.name for f in dataclasses.fields(DistillationArguments)}
-
-
 def parse_arguments(argv: Sequence[str]) -> tuple[ScriptArguments, Any]:
     """ScriptArguments and DistillationArguments from the command line (with this script's defaults)."""
     from transformers import HfArgumentParser
@@ -194,15 +185,8 @@ def parse_arguments(argv: Sequence[str]) -> tuple[ScriptArguments, Any]:
     from hf_distill import DistillationArguments
 
     argv = list(argv)
-    known = _distillation_field_names()
-    missing = [name for name in ON_POLICY_FIELDS if f"--{name}" in argv and name not in known]
-    if missing:
-        raise SystemExit(
-            f"error: {', '.join('--' + m for m in missing)}: on-policy distillation is not in this version of "
-            "hf_distill (DistillationArguments has no such field). Use sequence-level KD (the default data) for now."
-        )
     parser = HfArgumentParser((ScriptArguments, DistillationArguments))
-    parser.set_defaults(**{k: v for k, v in SCRIPT_DEFAULTS.items() if k in known})
+    parser.set_defaults(**SCRIPT_DEFAULTS)
     if "--output_dir" not in argv:
         argv += ["--output_dir", "runs/distill_causal_lm"]
     script, args = parser.parse_args_into_dataclasses(args=argv)
@@ -212,7 +196,7 @@ def parse_arguments(argv: Sequence[str]) -> tuple[ScriptArguments, Any]:
         raise ValueError(f"--heldout_fraction must be in [0, 1), got {script.heldout_fraction}.")
     if script.teacher_topk < 0:
         raise ValueError(f"--teacher_topk must be >= 0, got {script.teacher_topk}.")
-    if script.teacher_topk and getattr(args, "lmbda", 0.0) > 0:
+    if script.teacher_topk and args.lmbda > 0:
         raise ValueError("--teacher_topk trains without the teacher, but on-policy steps (--lmbda > 0) need it to score "
                          "the student's own samples. Use one or the other.")
     if script.merge_lora and not script.use_lora:
@@ -265,6 +249,8 @@ def load_causal_teacher(spec: Optional[str], base_model: Optional[str] = None) -
     if spec.startswith(LLAMA2C_PREFIX):
         return load_llama2c_teacher(spec[len(LLAMA2C_PREFIX):])
     base = refuse_adapter_without_base(spec, role="teacher", base_model=base_model)
+    if base is None:
+        refuse_non_causal_teacher(spec)
     if base is not None:  # an adapter with a reachable base: the teacher is the merged full model
         teacher = load_adapter_model(spec, base_model=base, role="teacher").merge_and_unload()
         tokenizer_source = spec if any((Path(spec) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")) else base
@@ -272,6 +258,22 @@ def load_causal_teacher(spec: Optional[str], base_model: Optional[str] = None) -
         teacher = load_teacher(spec, "causal-lm")
         tokenizer_source = spec
     return teacher.eval(), _with_pad_token(AutoTokenizer.from_pretrained(tokenizer_source))
+
+
+def refuse_non_causal_teacher(spec: str) -> None:
+    """A checkpoint saved without a language-model head (an encoder such as BERT) cannot teach next tokens."""
+    from transformers import AutoConfig
+
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        return  # a Hub id, or a folder load_teacher explains
+    architectures = AutoConfig.from_pretrained(path).architectures or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ValueError(
+            f"--teacher {spec} is a {', '.join(architectures)} checkpoint, not a causal language model (no *ForCausalLM "
+            "head). Distil encoders for classification with scripts/distill_classification.py --teacher "
+            f"{spec}; this script needs a decoder such as stories260K or a *ForCausalLM folder."
+        )
 
 
 def narrow_causal_student(teacher: Any, hidden_size: int, num_layers: int, intermediate_size: Optional[int] = None,
@@ -399,6 +401,7 @@ def build_datasets(script: ScriptArguments, teacher: Any, tokenizer: Any, cache_
         train, heldout = parts["train"], parts["test"]
     else:
         heldout = None
+    check_columns(train, script)
     if script.max_train_samples:
         train = train.select(range(min(script.max_train_samples, len(train))))
     if script.teacher_completions:
@@ -407,6 +410,19 @@ def build_datasets(script: ScriptArguments, teacher: Any, tokenizer: Any, cache_
                              f"{train.column_names}.")
         train = _teacher_samples(teacher, tokenizer, train[script.prompt_column], script, cache_dir, seed)
     return train, heldout
+
+
+def check_columns(dataset: Any, script: ScriptArguments) -> None:
+    """Refuse data without prompt/completion (or chat) columns, naming the columns found and the flags."""
+    columns = set(dataset.column_names)
+    if script.messages_column in columns or script.prompt_column in columns and (
+            script.completion_column in columns or script.teacher_completions):
+        return
+    raise ValueError(
+        f"--dataset {script.dataset} has columns {sorted(columns)}, but this script trains on prompt/completion pairs "
+        f"('{script.prompt_column}' + '{script.completion_column}') or chat '{script.messages_column}'. Name yours with "
+        "--prompt_column / --completion_column / --messages_column (--teacher_completions: prompts only)."
+    )
 
 
 def tokenize(dataset: Any, tokenizer: Any, script: ScriptArguments, limit: Optional[int] = None) -> Any:

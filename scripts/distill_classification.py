@@ -165,6 +165,7 @@ class Models:
     student: Optional[torch.nn.Module] = None
     student_tokenizer: Any = None
     fine_tuned: bool = False  # the teacher was fine-tuned (or reloaded fine-tuned) into <output_dir>-teacher
+    label_mapping: Optional[dict] = None  # dataset label id -> teacher id, when the two orders differ
 
 
 def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, DistillationArguments]:
@@ -198,28 +199,32 @@ def load_data(script: ScriptArguments, args: DistillationArguments):
 
 
 def load_teacher(script: ScriptArguments, args: DistillationArguments, label_names: list[str]) -> Models:
-    """The teacher and its tokenizer. A teacher with label names keeps them (see :func:`align_labels`); one
-    without gets the dataset's (a new head when the checkpoint has none)."""
+    """The teacher and its tokenizer, its labels compared with the dataset's (:func:`align_labels`, logged): a
+    teacher with label names keeps them (the dataset is remapped by name), one without takes the dataset's."""
     if script.teacher is None:
         if script.dataset != "synthetic":
             raise ValueError("--teacher is required unless --dataset synthetic.")
         tokenizer, teacher = synthetic_setup()
-        return Models(teacher, tokenizer)
+        return Models(teacher, tokenizer, label_mapping=align_and_log(label_names, teacher.config.id2label))
     with explain_model_load_errors(script.teacher, "--teacher"):
         config = AutoConfig.from_pretrained(script.teacher, trust_remote_code=args.teacher_trust_remote_code)
-        labels = {} if has_label_names(config.id2label) else dict(
-            num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)})
+        named = has_label_names(config.id2label)
+        mapping = align_and_log(label_names, config.id2label, named)
+        labels = {} if named else dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                                       label2id={n: i for i, n in enumerate(label_names)})
         teacher = AutoModelForSequenceClassification.from_pretrained(
             script.teacher, trust_remote_code=args.teacher_trust_remote_code, **labels)
-    return Models(teacher, load_tokenizer(script.tokenizer or script.teacher))
+    return Models(teacher, load_tokenizer(script.tokenizer or script.teacher), label_mapping=mapping)
 
 
-def match_labels(splits, label_names: list[str], teacher: torch.nn.Module):
-    """Compare the dataset's labels with the teacher's; refuse, keep, or remap the dataset by name (logged)."""
-    mapping, decision = align_labels(label_names, teacher.config.id2label)
+def align_and_log(label_names: list[str], teacher_id2label: dict, named: bool = True) -> Optional[dict]:
+    """Refuse, keep or remap the dataset's label ids against the teacher's (see :func:`align_labels`); logged."""
+    if not named:
+        logger.info("Labels: the teacher has no label names: it takes the dataset's %s.", label_names)
+        return None
+    mapping, decision = align_labels(label_names, teacher_id2label)
     logger.info("Labels: %s.", decision)
-    return remap_labels(splits, mapping)
+    return mapping
 
 
 def teacher_settings(script: ScriptArguments, args: DistillationArguments, epochs: float) -> dict:
@@ -457,7 +462,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     resume = resume_argument(args.resume_from_checkpoint)
     splits, label_names = load_data(script, args)
     models = load_teacher(script, args, label_names)
-    splits = match_labels(splits, label_names, models.teacher)
+    splits = remap_labels(splits, models.label_mapping)
     data = tokenize_splits(splits, models.tokenizer, script.max_length)
     fine_tune_teacher(models, script, args, data["train"].remove_columns("text"))
     models.student, models.student_tokenizer = build_student(models, script, args)

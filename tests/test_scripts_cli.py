@@ -414,3 +414,13 @@ def test_the_run_folder_matches_the_readme(tmp_path, teacher_dir, data_dir):
     assert {"checkpoint-N/", "training_args.bin", "results.json", "tokenizer files"} <= documented
     assert sorted(p.name for p in (tmp_path / "out-teacher").iterdir()) == [
         "config.json", "model.safetensors", "teacher_training.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_causal_lm_script_refuses_an_encoder_teacher_and_classification_data(tmp_path, teacher_dir, lm_setup, data_dir):
+    """What a new user tried first: the MiniLM encoder and SST-2 with the causal-LM script."""
+    teacher, data = lm_setup
+    with pytest.raises(ValueError, match="BertForSequenceClassification checkpoint, not a causal language model.*"
+                                         "distill_classification.py"):
+        dcl.main(_lm_argv(teacher_dir, data, tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"columns \['label', 'text'\].*--prompt_column"):
+        dcl.main(_lm_argv(teacher, data_dir / "train.jsonl", tmp_path / "out"))
