@@ -403,17 +403,16 @@ def test_the_run_folder_matches_the_readme(tmp_path, teacher_dir, data_dir):
     out = tmp_path / "out"
     dcls.main(_argv(teacher_dir, data_dir, out, "--compare_baseline", "true", "--teacher_train_epochs", "1",
                     "--model_card", "true", "--save_strategy", "steps", "--save_steps", "4"))
-    found = {p.name + ("/" if p.is_dir() else "") for p in out.iterdir()}
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"}  # 4.57: more
+    found = {p.name + ("/" if p.is_dir() else "") for p in out.iterdir()} - tokenizer_files
     assert not {"baseline/", "teacher_training/"} & found
+    assert found == {"config.json", "model.safetensors", "training_args.bin", "distillation/", "checkpoint-4/",
+                     "results.json", "README.md"}
     documented = _documented_entries()
-    expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "training_args.bin",
-                "distillation/", "checkpoint-4/", "results.json", "README.md"}
-    assert found == expected
-    undocumented = {name for name in found if name not in documented and not name.startswith(("tokenizer", "checkpoint"))}
-    assert not undocumented, f"not in the README: {undocumented}"
     assert {"checkpoint-N/", "training_args.bin", "results.json", "tokenizer files"} <= documented
-    assert sorted(p.name for p in (tmp_path / "out-teacher").iterdir()) == [
-        "config.json", "model.safetensors", "teacher_training.json", "tokenizer.json", "tokenizer_config.json"]
+    assert found - {"checkpoint-4/"} <= documented
+    teacher_files = {p.name for p in (tmp_path / "out-teacher").iterdir()} - tokenizer_files
+    assert teacher_files == {"config.json", "model.safetensors", "teacher_training.json"}
 
 
 def test_causal_lm_script_refuses_an_encoder_teacher_and_classification_data(tmp_path, teacher_dir, lm_setup, data_dir):
