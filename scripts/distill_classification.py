@@ -421,7 +421,9 @@ def distill(models: Models, script: ScriptArguments, args: DistillationArguments
                            teacher=not script.cache_teacher)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
-    return trainer, trainer.evaluate()
+    metrics = trainer.evaluate()
+    trainer.save_metrics("eval", metrics)  # eval_results.json + all_results.json, read by the model card
+    return trainer, metrics
 
 
 def compare(trainer, models: Models, script: ScriptArguments, args: DistillationArguments, data, metrics) -> dict:
@@ -438,13 +440,16 @@ def compare(trainer, models: Models, script: ScriptArguments, args: Distillation
 
 
 def finish(trainer, models: Models, script: ScriptArguments, args: DistillationArguments, splits, results) -> None:
-    """Save results.json and the card first, then export (a failed export leaves them in place), then print."""
+    """Save results.json and the card first, then export (a failed export leaves them in place) and write both
+    again with the export's summary and report, then print the table."""
     write_results(args, results)
     if script.model_card:
         trainer.create_model_card(dataset_name=script.dataset)
     if script.export_onnx:
         results["export"] = export_and_report(args.output_dir, models, splits["validation"], script)
         write_results(args, results)
+        if script.model_card and "error" not in results["export"]:
+            trainer.create_model_card(dataset_name=script.dataset)  # now with the report's table and plot
     splits_shown = [s for s in ("validation", "test") if s in splits]
     columns = ["model", "parameters"] + [f"{s} accuracy" for s in splits_shown] + ["latency b1 (ms)", "latency b32 (ms)"]
     print(f"\nDistillation results ({torch.get_num_threads()} CPU threads)\n{markdown_table(results['rows'], columns)}\n")

@@ -407,7 +407,7 @@ def test_the_run_folder_matches_the_readme(tmp_path, teacher_dir, data_dir):
     found = {p.name + ("/" if p.is_dir() else "") for p in out.iterdir()} - tokenizer_files
     assert not {"baseline/", "teacher_training/"} & found
     assert found == {"config.json", "model.safetensors", "training_args.bin", "distillation/", "checkpoint-4/",
-                     "results.json", "README.md"}
+                     "results.json", "eval_results.json", "all_results.json", "README.md"}
     documented = _documented_entries()
     assert {"checkpoint-N/", "training_args.bin", "results.json", "tokenizer files"} <= documented
     assert found - {"checkpoint-4/"} <= documented
