@@ -237,12 +237,13 @@ def load_llama2c_teacher(folder: str | Path) -> tuple[Any, Any]:
     return teacher.eval(), _with_pad_token(tokenizer)
 
 
-def load_causal_teacher(spec: Optional[str], base_model: Optional[str] = None) -> tuple[Any, Any]:
+def load_causal_teacher(spec: Optional[str], base_model: Optional[str] = None,
+                        allow_pickle_weights: bool = False) -> tuple[Any, Any]:
     """The teacher (eval mode) and its tokenizer from ``--teacher`` (see its help)."""
     from transformers import AutoTokenizer
 
     from hf_distill.peft_students import load_adapter_model, refuse_adapter_without_base
-    from hf_distill.trainer import load_teacher
+    from hf_distill.teachers import load_teacher
 
     if spec is None:
         return load_llama2c_teacher(DEFAULT_TEACHER_DIR)
@@ -255,7 +256,7 @@ def load_causal_teacher(spec: Optional[str], base_model: Optional[str] = None) -
         teacher = load_adapter_model(spec, base_model=base, role="teacher").merge_and_unload()
         tokenizer_source = spec if any((Path(spec) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")) else base
     else:
-        teacher = load_teacher(spec, "causal-lm")
+        teacher = load_teacher(spec, "causal-lm", allow_pickle_weights=allow_pickle_weights)
         tokenizer_source = spec
     return teacher.eval(), _with_pad_token(AutoTokenizer.from_pretrained(tokenizer_source))
 
@@ -308,13 +309,15 @@ def narrow_causal_student(teacher: Any, hidden_size: int, num_layers: int, inter
     return student
 
 
-def build_causal_student(script: ScriptArguments, teacher: Any, teacher_tokenizer: Any, seed: int = 0) -> Any:
+def build_causal_student(script: ScriptArguments, teacher: Any, teacher_tokenizer: Any, seed: int = 0,
+                         allow_pickle_weights: bool = False) -> Any:
     """The student from ``--student`` (vocabulary checked), a narrow random init, or the teacher's blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_distill import create_student
     from hf_distill.peft_students import load_adapter_model, refuse_adapter_without_base
-    from hf_distill.trainer import check_same_tokenizer
+    from hf_distill.safe_loading import from_pretrained_safely
+    from hf_distill.teachers import check_same_tokenizer
 
     if script.student:
         path = Path(script.student).expanduser()
@@ -324,7 +327,7 @@ def build_causal_student(script: ScriptArguments, teacher: Any, teacher_tokenize
             from hf_distill.data import explain_model_load_errors
 
             with explain_model_load_errors(script.student, "--student"):
-                student = AutoModelForCausalLM.from_pretrained(script.student)
+                student = from_pretrained_safely(AutoModelForCausalLM, script.student, allow_pickle_weights)
         has_tokenizer = path.is_dir() and any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
         if has_tokenizer or not path.exists():
             try:
@@ -492,7 +495,7 @@ def load_teacher_and_tokenizer(script: ScriptArguments, args: Any) -> tuple[Any,
     from hf_distill.data import explain_model_load_errors
 
     with explain_model_load_errors(script.teacher or DEFAULT_TEACHER_DIR, "--teacher"):
-        teacher, tokenizer = load_causal_teacher(script.teacher, script.teacher_base_model)
+        teacher, tokenizer = load_causal_teacher(script.teacher, script.teacher_base_model, args.allow_pickle_weights)
     teacher.to(args.device)
     logger.info("Teacher %s: %d parameters, vocabulary %d", getattr(teacher.config, "_name_or_path", None),
                 sum(p.numel() for p in teacher.parameters()), teacher.config.vocab_size)
@@ -604,7 +607,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     teacher, tokenizer = load_teacher_and_tokenizer(script, args)
     train, heldout = prepare_data(script, args, teacher, tokenizer)
     set_seed(args.seed)
-    student = build_causal_student(script, teacher, tokenizer, seed=args.seed).to(args.device)
+    student = build_causal_student(script, teacher, tokenizer, args.seed, args.allow_pickle_weights).to(args.device)
     trainer = make_trainer(script, args, student, teacher, tokenizer, train)
     initial = None if script.skip_initial_eval else evaluate_on_heldout(trainer.model, teacher, heldout, tokenizer,
                                                                         args, "Before training")

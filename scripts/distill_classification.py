@@ -67,6 +67,8 @@ from hf_distill.classification import (  # noqa: E402
     tokenize_splits,
 )
 from hf_distill.data import explain_model_load_errors, resume_argument  # noqa: E402
+from hf_distill.preflight import configured_loss_terms  # noqa: E402
+from hf_distill.safe_loading import from_pretrained_safely  # noqa: E402
 
 logger = logging.getLogger("distill_classification")
 
@@ -212,8 +214,8 @@ def load_teacher(script: ScriptArguments, args: DistillationArguments, label_nam
         mapping = align_and_log(label_names, config.id2label, named)
         labels = {} if named else dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                                        label2id={n: i for i, n in enumerate(label_names)})
-        teacher = AutoModelForSequenceClassification.from_pretrained(
-            script.teacher, trust_remote_code=args.teacher_trust_remote_code, **labels)
+        teacher = from_pretrained_safely(AutoModelForSequenceClassification, script.teacher, args.allow_pickle_weights,
+                                         trust_remote_code=args.teacher_trust_remote_code, **labels)
     return Models(teacher, load_tokenizer(script.tokenizer or script.teacher), label_mapping=mapping)
 
 
@@ -267,7 +269,7 @@ def fine_tune_teacher(models: Models, script: ScriptArguments, args: Distillatio
     record = folder / TEACHER_RECORD
     if record.is_file() and json.loads(record.read_text()) == settings:
         logger.info("Reusing the teacher fine-tuned with the same settings in %s (delete it to train again).", folder)
-        models.teacher, models.fine_tuned = type(models.teacher).from_pretrained(folder), True
+        models.teacher, models.fine_tuned = from_pretrained_safely(type(models.teacher), folder), True
         return
     data = teacher_training_data(script, args, models.tokenizer, train)
     train_teacher(models.teacher, models.tokenizer, data, args, epochs, script.teacher_learning_rate, folder)
@@ -285,9 +287,9 @@ def build_student(models: Models, script: ScriptArguments, args: DistillationArg
     teacher = models.teacher
     if script.student:
         with explain_model_load_errors(script.student, "--student"):
-            student = AutoModelForSequenceClassification.from_pretrained(
-                script.student, num_labels=teacher.config.num_labels, id2label=teacher.config.id2label,
-                label2id=teacher.config.label2id)
+            student = from_pretrained_safely(
+                AutoModelForSequenceClassification, script.student, args.allow_pickle_weights,
+                num_labels=teacher.config.num_labels, id2label=teacher.config.id2label, label2id=teacher.config.label2id)
         has_tokenizer = any((Path(script.student) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
                                                                             "vocab.txt"))
         return student, load_tokenizer(script.student) if has_tokenizer else models.tokenizer
@@ -317,7 +319,7 @@ def add_augmented_examples(train, texts, tokenizer, teacher, script: ScriptArgum
 
         if not script.augment_mlm:
             raise ValueError("--augment_replace_with mlm needs --augment_mlm, a masked LM sharing the tokenizer.")
-        mlm = AutoModelForMaskedLM.from_pretrained(script.augment_mlm)
+        mlm = from_pretrained_safely(AutoModelForMaskedLM, script.augment_mlm)
     new_texts = augment_texts(texts, tokenizer, num_per_example=script.augment_factor,
                               replace_with=script.augment_replace_with, mlm_model=mlm, seed=seed)
     extra = Dataset.from_dict({"text": new_texts, "label": [-100] * len(new_texts)})
@@ -356,7 +358,7 @@ def train_baseline(student, models: Models, args: DistillationArguments, data) -
     with tempfile.TemporaryDirectory(prefix="hf_distill_baseline_") as folder:
         trainer = make_trainer(student, models, hard_label_arguments(args, folder), data["train"].remove_columns("text"),
                                data)
-        active = {name: weight for name, weight in trainer.active_loss_terms().items() if weight}
+        active = {name: weight for name, weight in configured_loss_terms(trainer.args).items() if weight}
         logger.info("Baseline (hard labels only): loss terms %s.", active)
         trainer.train()
     return trainer.model, {"loss_terms": active, "steps": trainer.state.global_step}
