@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from .data import SYNTHETIC_LABELS, bert_tokenizer_from_vocab, synthetic_sentiment, synthetic_tokenizer
+from .data import (
+    SYNTHETIC_LABELS,
+    bert_tokenizer_from_vocab,
+    load_hub_dataset,
+    load_json_dataset,
+    synthetic_sentiment,
+    synthetic_tokenizer,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Every argument that makes the teacher part of the loss, and its value in a hard-labels-only baseline.
+TEACHER_TERMS_OFF = {"alpha": 0.0, "alpha_schedule": "constant", "alpha_end": None, "hidden_weight": 0.0,
+                     "attention_weight": 0.0, "relation_weight": 0.0}
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -49,16 +64,16 @@ def load_text_classification(
             test=split(400, 0.0, seed + 4),
         )
         return splits, list(SYNTHETIC_LABELS)
-    path = Path(dataset)
+    path = Path(dataset).expanduser()
     if path.is_dir():
-        files = {name: str(path / f"{name}.jsonl") for name in ("train", "validation", "test") if (path / f"{name}.jsonl").is_file()}
+        files = {name: path / f"{name}.jsonl" for name in ("train", "validation", "test") if (path / f"{name}.jsonl").is_file()}
         if "train" not in files:
-            raise FileNotFoundError(f"{path} has no train.jsonl; expected train/validation/test .jsonl files.")
-        splits = load_dataset("json", data_files=files)
+            raise FileNotFoundError(f"--dataset {path} has no train.jsonl; expected train/validation/test .jsonl files.")
+        splits = load_json_dataset(files, flag="--dataset")
         names_file = path / "labels.json"
         names = json.loads(names_file.read_text()) if names_file.is_file() else None
     else:
-        splits = load_dataset(dataset)
+        splits = load_hub_dataset(dataset, flag="--dataset")
         feature = splits["train"].features.get(label_column)
         names = list(getattr(feature, "names", []) or []) or None
     for name in splits:
@@ -70,8 +85,68 @@ def load_text_classification(
         if label_column != "label":
             splits[name] = splits[name].rename_column(label_column, "label")
     if names is None:
-        names = [str(i) for i in sorted(set(splits["train"]["label"]))]
+        names = [str(i) for i in sorted(set(splits["train"]["label"]) - {-100})]
+    if "validation" not in splits:
+        held_out = splits["train"].train_test_split(test_size=0.1, seed=seed)
+        splits["train"], splits["validation"] = held_out["train"], held_out["test"]
+        logger.info("%s has no validation split: 10%% of train (%d rows) is held out for evaluation.", dataset,
+                    len(splits["validation"]))
     return splits, names
+
+
+def has_label_names(id2label: dict) -> bool:
+    """False for transformers' placeholder names (``LABEL_0``, ``LABEL_1``, ...) and for bare numbers."""
+    return not all(str(name) in (f"LABEL_{i}", str(i)) for i, name in id2label.items())
+
+
+def align_labels(dataset_names: Sequence[str], teacher_id2label: dict) -> tuple[Optional[dict[int, int]], str]:
+    """How the dataset's label ids relate to the teacher's output ids: ``(mapping, decision)``.
+
+    ``mapping`` sends a dataset label id to the teacher's id of the same class (None: the ids already agree),
+    and ``decision`` says in words what was decided. Names are compared case-insensitively. When only one
+    side has names, ids are taken to agree. Raises ValueError when the counts differ, or when both sides have
+    names and they are not the same classes.
+    """
+    teacher = {int(i): str(name) for i, name in teacher_id2label.items()}
+    dataset = {i: str(name) for i, name in enumerate(dataset_names)}
+    if len(teacher) != len(dataset):
+        raise ValueError(
+            f"The teacher has {len(teacher)} labels {list(teacher.values())} but the dataset has {len(dataset)} "
+            f"{list(dataset.values())}. Pass a teacher trained on these classes, or a teacher without a trained "
+            "classification head (its head is then sized to the dataset and trained with --teacher_train_epochs)."
+        )
+    if not has_label_names(teacher):
+        return None, f"the teacher has no label names: it takes the dataset's {list(dataset.values())}"
+    if not has_label_names(dataset):
+        return None, (f"the dataset's labels have no names (no labels.json): label i is taken to be the teacher's "
+                      f"id2label[i] {teacher}")
+    by_name = {name.lower(): i for i, name in teacher.items()}
+    if set(by_name) != {name.lower() for name in dataset.values()}:
+        raise ValueError(
+            f"The teacher's labels {teacher} are not the dataset's {dataset}. Pass the teacher trained on this task, "
+            "or write the dataset's labels.json with the teacher's names in the dataset's id order."
+        )
+    mapping = {i: by_name[name.lower()] for i, name in dataset.items()}
+    if all(i == j for i, j in mapping.items()):
+        return None, f"the teacher's and the dataset's label names agree: {teacher}"
+    return mapping, f"dataset labels remapped to the teacher's ids by name: {mapping} (teacher: {teacher})"
+
+
+def remap_labels(splits: DatasetDict, mapping: Optional[dict[int, int]]) -> DatasetDict:
+    """Rewrite the ``label`` column with ``mapping`` (ids not in it, e.g. -100, are kept)."""
+    if not mapping:
+        return splits
+    from datasets import Value
+
+    splits = DatasetDict({name: split.cast_column("label", Value("int64")) for name, split in splits.items()})
+    return splits.map(lambda batch: {"label": [mapping.get(label, label) for label in batch["label"]]}, batched=True)
+
+
+def hard_label_arguments(args: Any, output_dir: str) -> Any:
+    """``args`` for a hard-labels-only baseline: every teacher term off (:data:`TEACHER_TERMS_OFF`), nothing
+    saved (no checkpoints, no signal checkpoint) and its own ``output_dir``."""
+    return dataclasses.replace(args, **TEACHER_TERMS_OFF, output_dir=output_dir, save_strategy="no",
+                               save_on_signal=False, resume_from_checkpoint=None, push_to_hub=False)
 
 
 def tokenize_splits(splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> DatasetDict:

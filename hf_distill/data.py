@@ -1,11 +1,14 @@
-"""Data helpers that work offline: a synthetic sentiment task, tokenizers from local files, JSONL loading."""
+"""Data helpers that work offline: a synthetic sentiment task, tokenizers from local files, JSONL loading,
+and loaders whose errors name the file and the flag to fix."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from transformers import PreTrainedTokenizerFast
 
@@ -120,3 +123,110 @@ def load_jsonl(path: Union[str, Path], limit: Optional[int] = None) -> list[dict
             if limit is not None and len(rows) >= limit:
                 break
     return rows
+
+
+#: File suffixes that mark a dataset argument as a local path, never a Hub id.
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when ``name`` can only be a local path: it starts with ``.``, ``/`` or ``~``, has a data-file
+    suffix, or has more than one ``/`` (a Hub id is ``name`` or ``owner/name``)."""
+    return name.startswith((".", "/", "~")) or name.endswith(LOCAL_DATA_SUFFIXES) or name.count("/") > 1
+
+
+def missing_local_data(name: str, flag: str = "--dataset") -> FileNotFoundError:
+    """The error for a local dataset path that does not exist, with the absolute path that was tried."""
+    tried = Path(name).expanduser().resolve()
+    return FileNotFoundError(
+        f"{flag} {name!r}: no such file or folder (looked for {tried}; relative paths start at the current "
+        f"directory {Path.cwd()}). Pass an existing .jsonl file or folder, or a Hub dataset id such as 'glue'."
+    )
+
+
+def load_hub_dataset(path: str, flag: str = "--dataset", **kwargs: Any) -> Any:
+    """``datasets.load_dataset(path, **kwargs)`` for a Hub name that is not a local path; a failure says that
+    ``path`` is neither a local path nor reachable on the Hub, and what to pass instead."""
+    import datasets
+
+    if looks_like_local_path(path):
+        raise missing_local_data(path, flag)
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as error:
+        offline = " (the Hub is off: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)" if _hub_offline() else ""
+        raise FileNotFoundError(
+            f"{flag} {path!r} is not a local file or folder (looked for {Path(path).expanduser().resolve()}) and "
+            f"could not be loaded from the Hub{offline}: {error}. Check the path, or pass a folder of "
+            "{train,validation,test}.jsonl files or a .jsonl file."
+        ) from error
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def check_json_rows(path: Union[str, Path], flag: str = "--dataset", example: str = '{"text": ..., "label": 0}') -> None:
+    """Refuse a JSON / JSON-lines file that does not exist or holds no rows, naming the file and the row format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag}: {path} does not exist.")
+    with open(path, encoding="utf-8") as handle:
+        if not any(line.strip() for line in handle):
+            raise ValueError(
+                f"{flag}: {path} is empty. Write one JSON object per line ({example}), or remove the file."
+            )
+
+
+def load_json_dataset(data_files: Union[str, Path, dict], flag: str = "--dataset",
+                      example: str = '{"text": ..., "label": 0}') -> Any:
+    """``datasets.load_dataset("json", ...)`` after checking that every file exists and has rows (an empty
+    file otherwise ends in a bare ``StopIteration`` inside `datasets`). A str/Path gives a Dataset, a dict of
+    split -> file a DatasetDict."""
+    import datasets
+
+    files = data_files if isinstance(data_files, dict) else {"train": data_files}
+    for file in files.values():
+        check_json_rows(file, flag, example)
+    loaded = datasets.load_dataset("json", data_files={k: str(v) for k, v in files.items()})
+    return loaded if isinstance(data_files, dict) else loaded["train"]
+
+
+@contextlib.contextmanager
+def explain_model_load_errors(name_or_path: Union[str, Path], flag: str) -> Iterator[None]:
+    """Turn the opaque error of a damaged weights file (``SafetensorError: header too small``) into one that
+    names the file, the flag it came from and the fix."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - re-raised unchanged unless it is a damaged weights file
+        if not _is_damaged_weights(error):
+            raise
+        folder = Path(name_or_path).expanduser()
+        files = sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+        where = f"{folder}/{files[0] if len(files) == 1 else '*.safetensors'}" if folder.is_dir() else str(name_or_path)
+        raise ValueError(
+            f"{flag} {name_or_path}: the weights file {where} cannot be read ({type(error).__name__}: {error}). It is "
+            "damaged or incomplete (an interrupted copy or download?): save the model again with save_pretrained() "
+            "or download it again."
+        ) from error
+
+
+def _is_damaged_weights(error: BaseException) -> bool:
+    if type(error).__name__ == "SafetensorError":
+        return True
+    text = str(error).lower()
+    return "deserializing header" in text or "incomplete metadata" in text
+
+
+def resume_argument(value: Optional[str]) -> Union[None, bool, str]:
+    """The scripts' ``--resume_from_checkpoint``: None (start afresh), True (``true``: the last complete
+    checkpoint in ``output_dir``) or the path of a checkpoint folder, which must exist."""
+    if value is None or str(value).strip().lower() in ("", "false", "no", "0", "none"):
+        return None
+    if str(value).strip().lower() in ("true", "yes", "1", "last"):
+        return True
+    if not Path(value).expanduser().is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder. Pass an "
+                                "<output_dir>/checkpoint-N folder, or `true` for the last complete one.")
+    return str(Path(value).expanduser())

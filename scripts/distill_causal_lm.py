@@ -19,8 +19,10 @@ Every ``DistillationArguments`` / ``TrainingArguments`` field is a flag too (``-
 changes a few defaults for small causal LMs: ``--distillation_task causal-lm --temperature 1 --learning_rate 1e-3
 --per_device_train_batch_size 8 --report_to none --save_strategy no --logging_steps 10``.
 
-Written to ``output_dir``: the student (or, with ``--use_lora``, its adapter) with the tokenizer and
-``distillation/recipe.json``; ``merged/`` with ``--merge_lora``; ``results.json`` and ``results.md``.
+Written to ``output_dir``: the student (or, with ``--use_lora``, its adapter) with the tokenizer,
+``training_args.bin`` and ``distillation/recipe.json``; ``merged/`` with ``--merge_lora``; ``results.json`` and
+``results.md``; ``cache/`` (teacher completions, unless ``--completions_cache_dir``); ``checkpoint-N/`` with
+``--save_strategy steps`` or after SIGTERM/SIGINT: continue with ``--resume_from_checkpoint true``.
 """
 
 from __future__ import annotations
@@ -78,9 +80,6 @@ SCRIPT_DEFAULTS = {
     "distillation_task": "causal-lm", "temperature": 1.0, "learning_rate": 1e-3, "per_device_train_batch_size": 8,
     "report_to": "none", "save_strategy": "no", "logging_steps": 10,
 }
-#: Fields the lead's on-policy work adds to DistillationArguments; the flags are refused clearly until then.
-ON_POLICY_FIELDS = ("lmbda", "generation_max_new_tokens", "generation_temperature", "generation_top_p",
-                    "generation_top_k")
 
 
 @dataclass
@@ -134,6 +133,12 @@ class ScriptArguments:
     completion_column: str = field(default="completion", metadata={"help": "Completion column."})
     messages_column: str = field(default="messages", metadata={"help": "Chat column, used without prompt/completion."})
     max_length: int = field(default=128, metadata={"help": "Prompt + completion tokens per example."})
+    truncation_side: str = field(
+        default="right",
+        metadata={"help": "Examples longer than --max_length: 'right' cuts the end of the completion (a prompt that "
+                  "leaves no room for a completion is an error); 'left' drops the oldest prompt tokens.",
+                  "choices": ["right", "left"]},
+    )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on at most this many rows."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on at most this many rows."})
     teacher_completions: bool = field(
@@ -173,12 +178,6 @@ class ScriptArguments:
 # ----------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------
-def _distillation_field_names() -> set[str]:
-    from hf_distill import DistillationArguments
-
-    return {f.name for f in dataclasses.fields(DistillationArguments)}
-
-
 def parse_arguments(argv: Sequence[str]) -> tuple[ScriptArguments, Any]:
     """ScriptArguments and DistillationArguments from the command line (with this script's defaults)."""
     from transformers import HfArgumentParser
@@ -186,15 +185,8 @@ def parse_arguments(argv: Sequence[str]) -> tuple[ScriptArguments, Any]:
     from hf_distill import DistillationArguments
 
     argv = list(argv)
-    known = _distillation_field_names()
-    missing = [name for name in ON_POLICY_FIELDS if f"--{name}" in argv and name not in known]
-    if missing:
-        raise SystemExit(
-            f"error: {', '.join('--' + m for m in missing)}: on-policy distillation is not in this version of "
-            "hf_distill (DistillationArguments has no such field). Use sequence-level KD (the default data) for now."
-        )
     parser = HfArgumentParser((ScriptArguments, DistillationArguments))
-    parser.set_defaults(**{k: v for k, v in SCRIPT_DEFAULTS.items() if k in known})
+    parser.set_defaults(**SCRIPT_DEFAULTS)
     if "--output_dir" not in argv:
         argv += ["--output_dir", "runs/distill_causal_lm"]
     script, args = parser.parse_args_into_dataclasses(args=argv)
@@ -204,7 +196,7 @@ def parse_arguments(argv: Sequence[str]) -> tuple[ScriptArguments, Any]:
         raise ValueError(f"--heldout_fraction must be in [0, 1), got {script.heldout_fraction}.")
     if script.teacher_topk < 0:
         raise ValueError(f"--teacher_topk must be >= 0, got {script.teacher_topk}.")
-    if script.teacher_topk and getattr(args, "lmbda", 0.0) > 0:
+    if script.teacher_topk and args.lmbda > 0:
         raise ValueError("--teacher_topk trains without the teacher, but on-policy steps (--lmbda > 0) need it to score "
                          "the student's own samples. Use one or the other.")
     if script.merge_lora and not script.use_lora:
@@ -245,25 +237,44 @@ def load_llama2c_teacher(folder: str | Path) -> tuple[Any, Any]:
     return teacher.eval(), _with_pad_token(tokenizer)
 
 
-def load_causal_teacher(spec: Optional[str], base_model: Optional[str] = None) -> tuple[Any, Any]:
+def load_causal_teacher(spec: Optional[str], base_model: Optional[str] = None,
+                        allow_pickle_weights: bool = False) -> tuple[Any, Any]:
     """The teacher (eval mode) and its tokenizer from ``--teacher`` (see its help)."""
     from transformers import AutoTokenizer
 
     from hf_distill.peft_students import load_adapter_model, refuse_adapter_without_base
-    from hf_distill.trainer import load_teacher
+    from hf_distill.teachers import load_teacher
 
     if spec is None:
         return load_llama2c_teacher(DEFAULT_TEACHER_DIR)
     if spec.startswith(LLAMA2C_PREFIX):
         return load_llama2c_teacher(spec[len(LLAMA2C_PREFIX):])
     base = refuse_adapter_without_base(spec, role="teacher", base_model=base_model)
+    if base is None:
+        refuse_non_causal_teacher(spec)
     if base is not None:  # an adapter with a reachable base: the teacher is the merged full model
         teacher = load_adapter_model(spec, base_model=base, role="teacher").merge_and_unload()
         tokenizer_source = spec if any((Path(spec) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")) else base
     else:
-        teacher = load_teacher(spec, "causal-lm")
+        teacher = load_teacher(spec, "causal-lm", allow_pickle_weights=allow_pickle_weights)
         tokenizer_source = spec
     return teacher.eval(), _with_pad_token(AutoTokenizer.from_pretrained(tokenizer_source))
+
+
+def refuse_non_causal_teacher(spec: str) -> None:
+    """A checkpoint saved without a language-model head (an encoder such as BERT) cannot teach next tokens."""
+    from transformers import AutoConfig
+
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        return  # a Hub id, or a folder load_teacher explains
+    architectures = AutoConfig.from_pretrained(path).architectures or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ValueError(
+            f"--teacher {spec} is a {', '.join(architectures)} checkpoint, not a causal language model (no *ForCausalLM "
+            "head). Distil encoders for classification with scripts/distill_classification.py --teacher "
+            f"{spec}; this script needs a decoder such as stories260K or a *ForCausalLM folder."
+        )
 
 
 def narrow_causal_student(teacher: Any, hidden_size: int, num_layers: int, intermediate_size: Optional[int] = None,
@@ -298,20 +309,25 @@ def narrow_causal_student(teacher: Any, hidden_size: int, num_layers: int, inter
     return student
 
 
-def build_causal_student(script: ScriptArguments, teacher: Any, teacher_tokenizer: Any, seed: int = 0) -> Any:
+def build_causal_student(script: ScriptArguments, teacher: Any, teacher_tokenizer: Any, seed: int = 0,
+                         allow_pickle_weights: bool = False) -> Any:
     """The student from ``--student`` (vocabulary checked), a narrow random init, or the teacher's blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_distill import create_student
     from hf_distill.peft_students import load_adapter_model, refuse_adapter_without_base
-    from hf_distill.trainer import check_same_tokenizer
+    from hf_distill.safe_loading import from_pretrained_safely
+    from hf_distill.teachers import check_same_tokenizer
 
     if script.student:
         path = Path(script.student).expanduser()
         if refuse_adapter_without_base(script.student, role="student") is not None:
             student = load_adapter_model(script.student, role="student").merge_and_unload()
         else:
-            student = AutoModelForCausalLM.from_pretrained(script.student)
+            from hf_distill.data import explain_model_load_errors
+
+            with explain_model_load_errors(script.student, "--student"):
+                student = from_pretrained_safely(AutoModelForCausalLM, script.student, allow_pickle_weights)
         has_tokenizer = path.is_dir() and any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
         if has_tokenizer or not path.exists():
             try:
@@ -334,28 +350,30 @@ def build_causal_student(script: ScriptArguments, teacher: Any, teacher_tokenize
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-def load_prompt_completion_data(name: str, split: str, config: Optional[str] = None) -> Any:
-    """A Dataset from a .json/.jsonl file, a save_to_disk folder, a folder of <split>.jsonl, or a Hub id."""
+def load_prompt_completion_data(name: str, split: str, config: Optional[str] = None, flag: str = "--dataset") -> Any:
+    """A Dataset from a .json/.jsonl file, a save_to_disk folder, a folder of <split>.jsonl, or a Hub id; errors
+    name the flag, the file and the fix (an empty file, a local path that does not exist)."""
     import datasets
 
+    from hf_distill.data import load_hub_dataset, load_json_dataset
+
+    example = '{"prompt": ..., "completion": ...}'
     path = Path(name).expanduser()
     if path.is_file():
-        return datasets.load_dataset("json", data_files=str(path), split="train")
+        return load_json_dataset(path, flag=flag, example=example)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
-                    raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}; pass the split to use.")
+                    raise ValueError(f"{flag} {path} has splits {list(loaded)}, not {split!r}; pass the split to use.")
                 return loaded[split]
             return loaded
         for suffix in (".jsonl", ".json"):
             if (path / f"{split}{suffix}").is_file():
-                return datasets.load_dataset("json", data_files=str(path / f"{split}{suffix}"), split="train")
-        raise FileNotFoundError(f"{path} holds neither a saved dataset nor {split}.jsonl.")
-    if name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"Dataset path {name!r} does not exist.")
-    return datasets.load_dataset(name, config, split=split)
+                return load_json_dataset(path / f"{split}{suffix}", flag=flag, example=example)
+        raise FileNotFoundError(f"{flag} {path} holds neither a saved dataset nor {split}.jsonl.")
+    return load_hub_dataset(name, flag=flag, name=config, split=split)
 
 
 def _teacher_samples(teacher: Any, tokenizer: Any, prompts: Sequence[Any], script: ScriptArguments, cache_dir: Path,
@@ -379,12 +397,14 @@ def build_datasets(script: ScriptArguments, teacher: Any, tokenizer: Any, cache_
         return train, heldout
     train = load_prompt_completion_data(script.dataset, script.dataset_split, script.dataset_config)
     if script.eval_dataset:
-        heldout = load_prompt_completion_data(script.eval_dataset, script.eval_split, script.dataset_config)
+        heldout = load_prompt_completion_data(script.eval_dataset, script.eval_split, script.dataset_config,
+                                              flag="--eval_dataset")
     elif script.heldout_fraction > 0:
         parts = train.train_test_split(test_size=script.heldout_fraction, seed=seed)
         train, heldout = parts["train"], parts["test"]
     else:
         heldout = None
+    check_columns(train, script)
     if script.max_train_samples:
         train = train.select(range(min(script.max_train_samples, len(train))))
     if script.teacher_completions:
@@ -395,13 +415,27 @@ def build_datasets(script: ScriptArguments, teacher: Any, tokenizer: Any, cache_
     return train, heldout
 
 
+def check_columns(dataset: Any, script: ScriptArguments) -> None:
+    """Refuse data without prompt/completion (or chat) columns, naming the columns found and the flags."""
+    columns = set(dataset.column_names)
+    if script.messages_column in columns or script.prompt_column in columns and (
+            script.completion_column in columns or script.teacher_completions):
+        return
+    raise ValueError(
+        f"--dataset {script.dataset} has columns {sorted(columns)}, but this script trains on prompt/completion pairs "
+        f"('{script.prompt_column}' + '{script.completion_column}') or chat '{script.messages_column}'. Name yours with "
+        "--prompt_column / --completion_column / --messages_column (--teacher_completions: prompts only)."
+    )
+
+
 def tokenize(dataset: Any, tokenizer: Any, script: ScriptArguments, limit: Optional[int] = None) -> Any:
     from hf_distill import tokenize_completions
 
     if limit:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return tokenize_completions(dataset, tokenizer, max_length=script.max_length, prompt_column=script.prompt_column,
-                                completion_column=script.completion_column, messages_column=script.messages_column)
+                                completion_column=script.completion_column, messages_column=script.messages_column,
+                                truncation_side=script.truncation_side)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,27 +490,23 @@ def results_table(results: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Parse, build, distil, evaluate, save; returns the results written to ``results.json``."""
-    import datasets
-    from transformers import set_seed
+def load_teacher_and_tokenizer(script: ScriptArguments, args: Any) -> tuple[Any, Any]:
+    """The teacher on ``args.device`` and its tokenizer (a damaged weights file is named in the error)."""
+    from hf_distill.data import explain_model_load_errors
 
-    from hf_distill import DistillationTrainer, cache_teacher_outputs
-    from hf_distill.causal_lm import CompletionCollator
-    from hf_distill.peft_students import lora_config, merge_lora_student
-
-    script, args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if args.disable_tqdm:
-        datasets.disable_progress_bars()
-    set_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    cache_dir = Path(script.completions_cache_dir) if script.completions_cache_dir else output_dir / "cache"
-
-    teacher, tokenizer = load_causal_teacher(script.teacher, script.teacher_base_model)
+    with explain_model_load_errors(script.teacher or DEFAULT_TEACHER_DIR, "--teacher"):
+        teacher, tokenizer = load_causal_teacher(script.teacher, script.teacher_base_model, args.allow_pickle_weights)
     teacher.to(args.device)
     logger.info("Teacher %s: %d parameters, vocabulary %d", getattr(teacher.config, "_name_or_path", None),
                 sum(p.numel() for p in teacher.parameters()), teacher.config.vocab_size)
+    return teacher, tokenizer
+
+
+def prepare_data(script: ScriptArguments, args: Any, teacher: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """Tokenized (train, held-out); teacher completions and the top-k cache are made on the main process first."""
+    from hf_distill import cache_teacher_outputs
+
+    cache_dir = Path(script.completions_cache_dir) if script.completions_cache_dir else Path(args.output_dir) / "cache"
     with args.main_process_first(desc="teacher completions and tokenization"):
         train_text, heldout_text = build_datasets(script, teacher, tokenizer, cache_dir, args.seed)
         train = tokenize(train_text, tokenizer, script)
@@ -486,56 +516,108 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                                           batch_size=script.teacher_batch_size)
     logger.info("Data: %d training rows, %d held-out rows%s", len(train), 0 if heldout is None else len(heldout),
                 f", top-{script.teacher_topk} teacher cache" if script.teacher_topk else "")
-    set_seed(args.seed)
-    student = build_causal_student(script, teacher, tokenizer, seed=args.seed).to(args.device)
-    main_process = args.process_index == 0
-    initial = None
-    if heldout is not None and main_process and not script.skip_initial_eval:
-        initial = heldout_metrics(student, teacher, heldout, tokenizer, args.per_device_eval_batch_size)
-        logger.info("Before training: held-out KL %.4f, perplexity %.3f", initial["kl"], initial["ppl"])
+    return train, heldout
+
+
+def make_trainer(script: ScriptArguments, args: Any, student: Any, teacher: Any, tokenizer: Any, train: Any) -> Any:
+    """The DistillationTrainer (LoRA-wrapped with --use_lora). Built before any model runs, so that it refuses a
+    mismatched teacher/student pair with its own message first."""
+    from hf_distill import DistillationTrainer
+    from hf_distill.causal_lm import CompletionCollator
+    from hf_distill.peft_students import lora_config
 
     trainer_kwargs: dict[str, Any] = {}
-    if script.use_lora:
-        config = lora_config(r=script.lora_r, alpha=script.lora_alpha, dropout=script.lora_dropout,
-                             target_modules=script.lora_target_modules)
-        trainer_kwargs["peft_config"] = config  # the trainer wraps the student: only the adapters train
-    trainer = DistillationTrainer(
+    if script.use_lora:  # the trainer wraps the student: only the adapters train
+        trainer_kwargs["peft_config"] = lora_config(r=script.lora_r, alpha=script.lora_alpha,
+                                                    dropout=script.lora_dropout, target_modules=script.lora_target_modules)
+    return DistillationTrainer(
         model=student, teacher_model=None if script.teacher_topk else teacher, args=args, train_dataset=train,
-        data_collator=CompletionCollator(tokenizer), processing_class=tokenizer, **trainer_kwargs,
+        data_collator=CompletionCollator(tokenizer), processing_class=tokenizer, teacher_processing_class=tokenizer,
+        **trainer_kwargs,
     )
-    start = time.perf_counter()
-    train_output = trainer.train()
-    train_seconds = time.perf_counter() - start
-    trainer.save_model(str(output_dir))
-    student = trainer.model
 
-    results: dict[str, Any] = {
+
+def evaluate_on_heldout(model: Any, teacher: Any, heldout: Any, tokenizer: Any, args: Any, when: str) -> Optional[dict]:
+    """Held-out metrics on the main process (None without held-out data)."""
+    if heldout is None or args.process_index != 0:
+        return None
+    metrics = heldout_metrics(model, teacher, heldout, tokenizer, args.per_device_eval_batch_size)
+    logger.info("%s: held-out KL %.4f, perplexity %.3f", when, metrics["kl"], metrics["ppl"])
+    return metrics
+
+
+def train_and_save(trainer: Any, args: Any, resume: Any) -> dict[str, Any]:
+    """Train (resuming when asked), save the student; the facts of the run for results.json."""
+    start = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - start
+    trainer.save_model(str(args.output_dir))
+    return {"steps": trainer.state.global_step, "train_loss": train_output.training_loss, "train_seconds": seconds,
+            "teacher_at_train_time": trainer.teacher is not None, "resumed_from": resume}
+
+
+def describe_run(script: ScriptArguments, args: Any, teacher: Any, student: Any, train: Any, heldout: Any) -> dict:
+    """Models, data sizes and arguments of the run."""
+    return {
         "teacher": getattr(teacher.config, "_name_or_path", None) or script.teacher,
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
         "train_examples": len(train), "heldout_examples": len(heldout) if heldout is not None else 0,
-        "steps": trainer.state.global_step, "train_loss": train_output.training_loss, "train_seconds": train_seconds,
-        "teacher_at_train_time": trainer.teacher is not None, "teacher_topk": script.teacher_topk or None,
-        "lora": script.use_lora, "initial": initial, "final": None,
+        "teacher_topk": script.teacher_topk or None, "lora": script.use_lora,
         "arguments": {"script": dataclasses.asdict(script), "distillation": args.distillation_dict()},
     }
-    if heldout is not None and main_process:
-        results["final"] = heldout_metrics(student, teacher, heldout, tokenizer, args.per_device_eval_batch_size)
-    if script.merge_lora and main_process:
-        merged_dir = output_dir / "merged"
-        merged = merge_lora_student(student, merged_dir, tokenizer=tokenizer)
-        if (output_dir / "distillation").is_dir():
-            shutil.copytree(output_dir / "distillation", merged_dir / "distillation", dirs_exist_ok=True)
-        results["merged_dir"] = str(merged_dir)
-        results["merged_parameters"] = sum(p.numel() for p in merged.parameters())
-    if main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-        if results["final"] is not None:
-            table = results_table(results)
-            (output_dir / "results.md").write_text(table + "\n")
-            print(table)
+
+
+def merge_adapter(student: Any, tokenizer: Any, output_dir: Path) -> dict[str, Any]:
+    """--merge_lora: the adapter merged into a plain model in ``<output_dir>/merged`` (with the recipe)."""
+    from hf_distill.peft_students import merge_lora_student
+
+    merged_dir = output_dir / "merged"
+    merged = merge_lora_student(student, merged_dir, tokenizer=tokenizer)
+    if (output_dir / "distillation").is_dir():
+        shutil.copytree(output_dir / "distillation", merged_dir / "distillation", dirs_exist_ok=True)
+    return {"merged_dir": str(merged_dir), "merged_parameters": sum(p.numel() for p in merged.parameters())}
+
+
+def write_results(results: dict[str, Any], output_dir: Path) -> None:
+    """``results.json`` and, with held-out metrics, ``results.md`` (printed too)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if results["final"] is not None:
+        table = results_table(results)
+        (output_dir / "results.md").write_text(table + "\n")
+        print(table)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Parse, load the teacher, build the data and the student, build the trainer (it checks the pair), evaluate,
+    distil (resuming when asked), evaluate again, save; returns the results written to ``results.json``."""
+    import datasets
+    from transformers import set_seed
+
+    from hf_distill.data import resume_argument
+
+    script, args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.disable_tqdm:
+        datasets.disable_progress_bars()
+    set_seed(args.seed)
+    resume, output_dir = resume_argument(args.resume_from_checkpoint), Path(args.output_dir)
+    teacher, tokenizer = load_teacher_and_tokenizer(script, args)
+    train, heldout = prepare_data(script, args, teacher, tokenizer)
+    set_seed(args.seed)
+    student = build_causal_student(script, teacher, tokenizer, args.seed, args.allow_pickle_weights).to(args.device)
+    trainer = make_trainer(script, args, student, teacher, tokenizer, train)
+    initial = None if script.skip_initial_eval else evaluate_on_heldout(trainer.model, teacher, heldout, tokenizer,
+                                                                        args, "Before training")
+    results = {**describe_run(script, args, teacher, trainer.model, train, heldout), "initial": initial,
+               **train_and_save(trainer, args, resume)}
+    results["final"] = evaluate_on_heldout(trainer.model, teacher, heldout, tokenizer, args, "After training")
+    if args.process_index == 0:
+        if script.merge_lora:
+            results.update(merge_adapter(trainer.model, tokenizer, output_dir))
+        write_results(results, output_dir)
     return results
 
 

@@ -9,6 +9,7 @@ the same student trained on hard labels only is the baseline.
     python scripts/distill_classification.py --teacher textattack/bert-base-uncased-SST-2 \\
         --dataset glue_sst2_folder --output_dir runs/sst2 --alpha 0.9 --temperature 2
     accelerate launch scripts/distill_classification.py --recipe recipes/distilbert.yaml --output_dir runs/x
+    python scripts/distill_classification.py ... --resume_from_checkpoint true   # continue from the last checkpoint
 
 Every `DistillationArguments` / `TrainingArguments` field is a flag; ``--recipe file.{json,yaml}`` sets
 defaults that flags on the command line override.
@@ -20,17 +21,19 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import dataclasses  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
+from typing import Any, Optional  # noqa: E402
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoConfig,
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
     HfArgumentParser,
@@ -50,15 +53,22 @@ from hf_distill import (  # noqa: E402
 from hf_distill.augmentation import augment_texts  # noqa: E402
 from hf_distill.classification import (  # noqa: E402
     accuracy_on,
+    align_labels,
     count_parameters,
+    hard_label_arguments,
+    has_label_names,
     load_text_classification,
     load_tokenizer,
     markdown_table,
     measure_latency,
     narrow_student,
+    remap_labels,
     synthetic_setup,
     tokenize_splits,
 )
+from hf_distill.data import explain_model_load_errors, resume_argument  # noqa: E402
+from hf_distill.preflight import configured_loss_terms  # noqa: E402
+from hf_distill.safe_loading import from_pretrained_safely  # noqa: E402
 
 logger = logging.getLogger("distill_classification")
 
@@ -126,8 +136,17 @@ class ScriptArguments:
     )
     export_onnx: bool = field(
         default=True,
-        metadata={"help": "Export the student to ONNX fp32 + int8, check parity, and write report.{json,md,png} "
-                  "(teacher vs student vs ONNX: accuracy, size, latency)."},
+        metadata={"help": "After saving the run, export the student to ONNX fp32 + int8, judge int8 on the validation "
+                  "split, and write report.{json,md,png} (teacher vs student vs ONNX: accuracy, size, latency). "
+                  "An export that fails is reported and leaves the saved run as it is."},
+    )
+    int8_min_agreement: Optional[float] = field(
+        default=None, metadata={"help": "Export: argmax agreement of int8 with PyTorch required (default: the export's)."}
+    )
+    int8_max_accuracy_drop: Optional[float] = field(
+        default=None,
+        metadata={"help": "Export: accuracy points int8 may lose against PyTorch on the validation split "
+                  "(default: the export's)."},
     )
     report_threads: int = field(default=1, metadata={"help": "Threads for the latency report (stated in it)."})
     model_card: bool = field(default=True, metadata={"help": "Write the distillation model card (README.md)."})
@@ -136,7 +155,23 @@ class ScriptArguments:
     )
 
 
+TEACHER_RECORD = "teacher_training.json"  # in <output_dir>-teacher: the settings the teacher was fine-tuned with
+
+
+@dataclass
+class Models:
+    """The models of one run and their tokenizers (the student's is the teacher's unless --student has its own)."""
+
+    teacher: torch.nn.Module
+    tokenizer: Any
+    student: Optional[torch.nn.Module] = None
+    student_tokenizer: Any = None
+    fine_tuned: bool = False  # the teacher was fine-tuned (or reloaded fine-tuned) into <output_dir>-teacher
+    label_mapping: Optional[dict] = None  # dataset label id -> teacher id, when the two orders differ
+
+
 def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, DistillationArguments]:
+    """ScriptArguments and DistillationArguments from the command line, over the defaults of ``--recipe``."""
     parser = HfArgumentParser((ScriptArguments, DistillationArguments))
     recipe_defaults = {}
     if "--recipe" in argv:
@@ -150,15 +185,128 @@ def parse_arguments(argv: list[str]) -> tuple[ScriptArguments, DistillationArgum
     return script_args, distill_args
 
 
-def train_teacher(teacher, tokenizer, data, args: DistillationArguments, epochs: float, learning_rate: float) -> None:
-    """Fine-tune the teacher with the stock Trainer (its own output folder, nothing saved)."""
+def teacher_dir_of(output_dir: str) -> Path:
+    """``<output_dir>-teacher``: the teacher used for the report, beside (never inside) the student's folder."""
+    return Path(f"{str(output_dir).rstrip('/')}-teacher")
+
+
+def load_data(script: ScriptArguments, args: DistillationArguments):
+    """Raw splits (text, label) and the dataset's label names."""
+    splits, label_names = load_text_classification(
+        script.dataset, text_column=script.text_column, label_column=script.label_column, seed=args.seed
+    )
+    if script.max_train_samples:
+        splits["train"] = splits["train"].select(range(min(script.max_train_samples, len(splits["train"]))))
+    return splits, label_names
+
+
+def load_teacher(script: ScriptArguments, args: DistillationArguments, label_names: list[str]) -> Models:
+    """The teacher and its tokenizer, its labels compared with the dataset's (:func:`align_labels`, logged): a
+    teacher with label names keeps them (the dataset is remapped by name), one without takes the dataset's."""
+    if script.teacher is None:
+        if script.dataset != "synthetic":
+            raise ValueError("--teacher is required unless --dataset synthetic.")
+        tokenizer, teacher = synthetic_setup()
+        return Models(teacher, tokenizer, label_mapping=align_and_log(label_names, teacher.config.id2label))
+    with explain_model_load_errors(script.teacher, "--teacher"):
+        config = AutoConfig.from_pretrained(script.teacher, trust_remote_code=args.teacher_trust_remote_code)
+        named = has_label_names(config.id2label)
+        mapping = align_and_log(label_names, config.id2label, named)
+        labels = {} if named else dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                                       label2id={n: i for i, n in enumerate(label_names)})
+        teacher = from_pretrained_safely(AutoModelForSequenceClassification, script.teacher, args.allow_pickle_weights,
+                                         trust_remote_code=args.teacher_trust_remote_code, **labels)
+    return Models(teacher, load_tokenizer(script.tokenizer or script.teacher), label_mapping=mapping)
+
+
+def align_and_log(label_names: list[str], teacher_id2label: dict, named: bool = True) -> Optional[dict]:
+    """Refuse, keep or remap the dataset's label ids against the teacher's (see :func:`align_labels`); logged."""
+    if not named:
+        logger.info("Labels: the teacher has no label names: it takes the dataset's %s.", label_names)
+        return None
+    mapping, decision = align_labels(label_names, teacher_id2label)
+    logger.info("Labels: %s.", decision)
+    return mapping
+
+
+def teacher_settings(script: ScriptArguments, args: DistillationArguments, epochs: float) -> dict:
+    """What a fine-tuned teacher depends on; a saved teacher is reused only when all of it matches."""
+    return {"teacher": script.teacher, "dataset": script.dataset, "epochs": epochs, "seed": args.seed,
+            "learning_rate": script.teacher_learning_rate, "max_train_samples": script.max_train_samples,
+            "teacher_train_size": script.teacher_train_size, "max_length": script.max_length,
+            "batch_size": args.per_device_train_batch_size}
+
+
+def train_teacher(teacher, tokenizer, data, args: DistillationArguments, epochs: float, learning_rate: float,
+                  output_dir: Path) -> None:
+    """Fine-tune the teacher with the stock Trainer (nothing saved by the Trainer itself)."""
     teacher_args = TrainingArguments(
-        output_dir=str(Path(args.output_dir) / "teacher_training"), num_train_epochs=epochs,
+        output_dir=str(output_dir), num_train_epochs=epochs,
         per_device_train_batch_size=args.per_device_train_batch_size, learning_rate=learning_rate, warmup_steps=10,
         save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.use_cpu, disable_tqdm=args.disable_tqdm,
         logging_steps=args.logging_steps,
     )
     Trainer(teacher, teacher_args, train_dataset=data, processing_class=tokenizer).train()
+
+
+def teacher_training_data(script: ScriptArguments, args: DistillationArguments, tokenizer, train):
+    """What the teacher learns from: the training split, or (synthetic task) a separate clean split."""
+    if script.dataset != "synthetic":
+        return train
+    clean, _ = load_text_classification(
+        "synthetic", seed=args.seed + 100, synthetic_label_noise=0.0, synthetic_train_size=script.teacher_train_size
+    )
+    return tokenize_splits(clean, tokenizer, script.max_length)["train"].remove_columns("text")
+
+
+def fine_tune_teacher(models: Models, script: ScriptArguments, args: DistillationArguments, train) -> None:
+    """Fine-tune the teacher when asked (the synthetic task always) and save it to ``<output_dir>-teacher``.
+    A teacher saved there with the same settings is loaded instead, so a resumed run distils the same one."""
+    epochs = script.teacher_train_epochs or (4.0 if script.dataset == "synthetic" and script.teacher is None else 0)
+    if not epochs:
+        return
+    folder, settings = teacher_dir_of(args.output_dir), teacher_settings(script, args, epochs)
+    record = folder / TEACHER_RECORD
+    if record.is_file() and json.loads(record.read_text()) == settings:
+        logger.info("Reusing the teacher fine-tuned with the same settings in %s (delete it to train again).", folder)
+        models.teacher, models.fine_tuned = from_pretrained_safely(type(models.teacher), folder), True
+        return
+    data = teacher_training_data(script, args, models.tokenizer, train)
+    train_teacher(models.teacher, models.tokenizer, data, args, epochs, script.teacher_learning_rate, folder)
+    models.fine_tuned = True
+    if args.should_save:
+        models.teacher.save_pretrained(folder)
+        models.tokenizer.save_pretrained(folder)
+        record.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def build_student(models: Models, script: ScriptArguments, args: DistillationArguments):
+    """The student: ``--student`` (with its own tokenizer when its folder has one), a narrow random init, or
+    the teacher's layers. It takes the teacher's label maps."""
+    set_seed(args.seed)
+    teacher = models.teacher
+    if script.student:
+        with explain_model_load_errors(script.student, "--student"):
+            student = from_pretrained_safely(
+                AutoModelForSequenceClassification, script.student, args.allow_pickle_weights,
+                num_labels=teacher.config.num_labels, id2label=teacher.config.id2label, label2id=teacher.config.label2id)
+        has_tokenizer = any((Path(script.student) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                            "vocab.txt"))
+        return student, load_tokenizer(script.student) if has_tokenizer else models.tokenizer
+    if script.student_hidden_size:
+        return narrow_student(teacher, script.student_layers, script.student_hidden_size), models.tokenizer
+    student = create_student(teacher, num_layers=script.student_layers)
+    return (bert_to_distilbert(student) if script.student_type == "distilbert" else student), models.tokenizer
+
+
+def distillation_data(models: Models, script: ScriptArguments, args: DistillationArguments, data):
+    """The training set of the distillation: augmented and/or with cached teacher outputs when asked."""
+    train = data["train"].remove_columns("text")
+    if script.augment_factor:
+        train = add_augmented_examples(train, data["train"]["text"], models.tokenizer, models.teacher, script, args.seed)
+    if script.cache_teacher:
+        train = cache_teacher_outputs(models.teacher, train, batch_size=args.per_device_eval_batch_size)
+    return train
 
 
 def add_augmented_examples(train, texts, tokenizer, teacher, script: ScriptArguments, seed: int):
@@ -171,7 +319,7 @@ def add_augmented_examples(train, texts, tokenizer, teacher, script: ScriptArgum
 
         if not script.augment_mlm:
             raise ValueError("--augment_replace_with mlm needs --augment_mlm, a masked LM sharing the tokenizer.")
-        mlm = AutoModelForMaskedLM.from_pretrained(script.augment_mlm)
+        mlm = from_pretrained_safely(AutoModelForMaskedLM, script.augment_mlm)
     new_texts = augment_texts(texts, tokenizer, num_per_example=script.augment_factor,
                               replace_with=script.augment_replace_with, mlm_model=mlm, seed=seed)
     extra = Dataset.from_dict({"text": new_texts, "label": [-100] * len(new_texts)})
@@ -181,123 +329,154 @@ def add_augmented_examples(train, texts, tokenizer, teacher, script: ScriptArgum
     return concatenate_datasets([train, extra]).shuffle(seed=seed)
 
 
-def export_and_report(output_dir: str, teacher, tokenizer, eval_split, script: ScriptArguments) -> dict:
-    """ONNX fp32 + int8 export with parity checks, then the latency/size/accuracy report and plot.
+def make_trainer(student, models: Models, args: DistillationArguments, train, data, teacher=True):
+    """A DistillationTrainer; it checks the pair (labels, vocabularies) before any model runs."""
+    return DistillationTrainer(
+        student, models.teacher if teacher else None, args, train_dataset=train,
+        eval_dataset=data["validation"].remove_columns("text"), processing_class=models.student_tokenizer,
+        teacher_processing_class=models.tokenizer, data_collator=DataCollatorWithPadding(models.student_tokenizer),
+        compute_metrics=classification_metrics,
+    )
 
-    The teacher is saved beside the run (``<output_dir>-teacher``), not inside the student's folder.
+
+def describe(name: str, model: torch.nn.Module, models: Models, data, script: ScriptArguments) -> dict:
+    """One row of the comparison table: parameters, accuracy per split, latency (when measured)."""
+    row = {"model": name, "parameters": count_parameters(model)}
+    tokenizer = models.tokenizer if name == "teacher" else models.student_tokenizer
+    for split in ("validation", "test"):
+        if split in data:
+            row[f"{split} accuracy"] = accuracy_on(model, data[split], tokenizer, max_length=script.max_length)
+    if script.measure_speed:
+        latency = measure_latency(model, tokenizer, data["validation"]["text"][:64], max_length=script.max_length)
+        row["latency b1 (ms)"], row["latency b32 (ms)"] = latency["batch_1"]["median"], latency["batch_32"]["median"]
+    return row
+
+
+def train_baseline(student, models: Models, args: DistillationArguments, data) -> tuple[torch.nn.Module, dict]:
+    """The same student on hard labels only, for the same steps: every teacher term off, nothing saved (its
+    Trainer works in a temporary folder, so no ``baseline/`` is left behind)."""
+    with tempfile.TemporaryDirectory(prefix="hf_distill_baseline_") as folder:
+        trainer = make_trainer(student, models, hard_label_arguments(args, folder), data["train"].remove_columns("text"),
+                               data)
+        active = {name: weight for name, weight in configured_loss_terms(trainer.args).items() if weight}
+        logger.info("Baseline (hard labels only): loss terms %s.", active)
+        trainer.train()
+    return trainer.model, {"loss_terms": active, "steps": trainer.state.global_step}
+
+
+def write_results(args: DistillationArguments, results: dict) -> None:
+    """``results.json``: the comparison rows, evaluation metrics and, after export, its summary."""
+    Path(args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def export_keywords(export_onnx, eval_split, script: ScriptArguments) -> dict:
+    """Keywords for ``export_onnx``: int8 judged on the evaluation split where the installed version can."""
+    accepted = inspect.signature(export_onnx).parameters
+    keywords = {"sample_texts": eval_split["text"][:8]}
+    if "eval_dataset" in accepted:
+        keywords["eval_dataset"] = eval_split.select_columns(["text", "label"])
+    for name in ("int8_min_agreement", "int8_max_accuracy_drop"):
+        value = getattr(script, name)
+        if value is not None:
+            if name not in accepted:
+                raise TypeError(f"--{name} needs a newer hf_distill.export.export_onnx (it has no {name}).")
+            keywords[name] = value
+    return keywords
+
+
+def export_and_report(output_dir: str, models: Models, eval_split, script: ScriptArguments) -> dict:
+    """ONNX fp32 + int8 export judged on ``eval_split``, then the latency/size/accuracy report and plot.
+
+    Called after the run is saved: any failure is logged and returned as ``{"error": ...}``, never raised, so
+    a finished run is never lost to its export. The teacher is saved to ``<output_dir>-teacher`` for the report.
     """
     from hf_distill.export import export_onnx
     from hf_distill.export.report import benchmark_models, write_report
 
-    exported = export_onnx(output_dir, sample_texts=eval_split["text"][:8])
-    teacher_dir = Path(f"{str(output_dir).rstrip('/')}-teacher")
-    teacher.save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    rows = benchmark_models(
-        output_dir, teacher_dir=teacher_dir, eval_texts=eval_split["text"], eval_labels=eval_split["label"],
-        threads=script.report_threads, sequence_length=script.max_length,
-    )
+    try:
+        exported = export_onnx(output_dir, **export_keywords(export_onnx, eval_split, script))
+    except Exception as error:  # noqa: BLE001 - reported in results.json and the log, the run stays saved
+        logger.warning("ONNX export failed (%s: %s). The student, results.json and the model card are saved in %s; "
+                       "export again with scripts/export_onnx.py --model_dir %s.", type(error).__name__, error,
+                       output_dir, output_dir)
+        return {"error": f"{type(error).__name__}: {error}"}
+    summary = exported.to_dict()
+    summary["int8_accepted"] = bool(getattr(exported, "int8_accepted", True))
+    if not summary["int8_accepted"]:
+        logger.warning("int8 export NOT accepted (see onnx/export_info.json): use onnx/model.onnx (fp32).")
+    teacher_dir = teacher_dir_of(output_dir)
+    if not models.fine_tuned:  # a fine-tuned teacher is there already
+        models.teacher.save_pretrained(teacher_dir)
+        models.tokenizer.save_pretrained(teacher_dir)
+        (teacher_dir / TEACHER_RECORD).unlink(missing_ok=True)
+    rows = benchmark_models(output_dir, teacher_dir=teacher_dir, eval_texts=eval_split["text"],
+                            eval_labels=eval_split["label"], threads=script.report_threads,
+                            sequence_length=script.max_length)
     write_report(output_dir, rows, title="Distilled student: accuracy, size and latency")
     logger.info("ONNX export (%s backend) and report written to %s", exported.backend, output_dir)
-    return exported.to_dict()
+    return summary
+
+
+def distill(models: Models, script: ScriptArguments, args: DistillationArguments, data, resume: Any):
+    """Build the trainer (it refuses a mismatched pair before any model runs), train, save, evaluate."""
+    trainer = make_trainer(models.student, models, args, distillation_data(models, script, args, data), data,
+                           teacher=not script.cache_teacher)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    metrics = trainer.evaluate()
+    trainer.save_metrics("eval", metrics)  # eval_results.json + all_results.json, read by the model card
+    return trainer, metrics
+
+
+def compare(trainer, models: Models, script: ScriptArguments, args: DistillationArguments, data, metrics) -> dict:
+    """The results: teacher, student and (with --compare_baseline) the student on hard labels only."""
+    rows = [describe("teacher", models.teacher, models, data, script),
+            describe(f"student ({args.distillation_loss}, alpha={args.alpha}, T={args.temperature})", trainer.model,
+                     models, data, script)]
+    results = {"rows": rows, "threads": torch.get_num_threads(), "eval_metrics": metrics,
+               "steps": trainer.state.global_step}
+    if script.compare_baseline:
+        baseline, results["baseline"] = train_baseline(build_student(models, script, args)[0], models, args, data)
+        rows.append(describe("student, hard labels only", baseline, models, data, script))
+    return results
+
+
+def finish(trainer, models: Models, script: ScriptArguments, args: DistillationArguments, splits, results) -> None:
+    """Save results.json and the card first, then export (a failed export leaves them in place) and write both
+    again with the export's summary and report, then print the table."""
+    write_results(args, results)
+    if script.model_card:
+        trainer.create_model_card(dataset_name=script.dataset)
+    if script.export_onnx:
+        results["export"] = export_and_report(args.output_dir, models, splits["validation"], script)
+        write_results(args, results)
+        if script.model_card and "error" not in results["export"]:
+            trainer.create_model_card(dataset_name=script.dataset)  # now with the report's table and plot
+    splits_shown = [s for s in ("validation", "test") if s in splits]
+    columns = ["model", "parameters"] + [f"{s} accuracy" for s in splits_shown] + ["latency b1 (ms)", "latency b32 (ms)"]
+    print(f"\nDistillation results ({torch.get_num_threads()} CPU threads)\n{markdown_table(results['rows'], columns)}\n")
+    if "error" in results.get("export", {}):
+        print(f"WARNING: the ONNX export failed ({results['export']['error']}); the run itself is saved.")
+    print(f"Student saved to {args.output_dir}")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    """Load data and teacher, match labels, fine-tune the teacher if asked, build the student, distil, compare,
+    save, export. Returns what is written to ``results.json``."""
     script, args = parse_arguments(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    synthetic = script.dataset == "synthetic"
-
-    splits, label_names = load_text_classification(
-        script.dataset, text_column=script.text_column, label_column=script.label_column, seed=args.seed
-    )
-    if script.max_train_samples:
-        splits["train"] = splits["train"].select(range(min(script.max_train_samples, len(splits["train"]))))
-    if synthetic and script.teacher is None:
-        tokenizer, teacher = synthetic_setup()
-        teacher_epochs = script.teacher_train_epochs or 4.0
-    else:
-        if script.teacher is None:
-            raise ValueError("--teacher is required unless --dataset synthetic.")
-        tokenizer = load_tokenizer(script.tokenizer or script.teacher)
-        teacher = AutoModelForSequenceClassification.from_pretrained(
-            script.teacher, num_labels=len(label_names), trust_remote_code=args.teacher_trust_remote_code,
-            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
-        )
-        teacher_epochs = script.teacher_train_epochs
-    data = tokenize_splits(splits, tokenizer, script.max_length)
-    train = data["train"].remove_columns("text")
-    if teacher_epochs:
-        # The teacher learns from clean labels where there are some (synthetic: a separate clean split).
-        teacher_data = train
-        if synthetic:
-            clean, _ = load_text_classification(
-                "synthetic", seed=args.seed + 100, synthetic_label_noise=0.0, synthetic_train_size=script.teacher_train_size
-            )
-            teacher_data = tokenize_splits(clean, tokenizer, script.max_length)["train"].remove_columns("text")
-        train_teacher(teacher, tokenizer, teacher_data, args, teacher_epochs, script.teacher_learning_rate)
-
-    def build_student():
-        set_seed(args.seed)
-        if script.student:
-            return AutoModelForSequenceClassification.from_pretrained(
-                script.student, num_labels=len(label_names), id2label=teacher.config.id2label,
-                label2id=teacher.config.label2id,
-            )
-        if script.student_hidden_size:
-            return narrow_student(teacher, script.student_layers, script.student_hidden_size)
-        student = create_student(teacher, num_layers=script.student_layers)
-        return bert_to_distilbert(student) if script.student_type == "distilbert" else student
-
-    distill_train = train
-    if script.augment_factor:
-        distill_train = add_augmented_examples(train, data["train"]["text"], tokenizer, teacher, script, args.seed)
-    if script.cache_teacher:
-        distill_train = cache_teacher_outputs(teacher, distill_train, batch_size=args.per_device_eval_batch_size)
-    collator = DataCollatorWithPadding(tokenizer)
-    common = dict(eval_dataset=data["validation"].remove_columns("text"),
-                  processing_class=tokenizer, data_collator=collator, compute_metrics=classification_metrics)
-    student = build_student()
-    trainer = DistillationTrainer(student, None if script.cache_teacher else teacher, args,
-                                  train_dataset=distill_train, **common)
-    trainer.train()
-    trainer.save_model()
-    metrics = trainer.evaluate()
-    trainer.save_metrics("eval", metrics)
-
-    rows = []
-    texts = data["validation"]["text"][:64]
-    evaluation_splits = {"validation": data["validation"]}
-    if "test" in data:
-        evaluation_splits["test"] = data["test"]
-
-    def describe(name: str, model: torch.nn.Module) -> dict:
-        row = {"model": name, "parameters": count_parameters(model)}
-        for split, dataset in evaluation_splits.items():
-            row[f"{split} accuracy"] = accuracy_on(model, dataset, tokenizer, max_length=script.max_length)
-        if script.measure_speed:
-            latency = measure_latency(model, tokenizer, texts, max_length=script.max_length)
-            row["latency b1 (ms)"], row["latency b32 (ms)"] = latency["batch_1"]["median"], latency["batch_32"]["median"]
-        return row
-
-    rows.append(describe("teacher", teacher))
-    rows.append(describe(f"student ({args.distillation_loss}, alpha={args.alpha}, T={args.temperature})", trainer.model))
-    if script.compare_baseline:
-        baseline_args = dataclasses.replace(args, alpha=0.0, output_dir=str(Path(args.output_dir) / "baseline"))
-        baseline = DistillationTrainer(build_student(), teacher, baseline_args, train_dataset=train, **common)
-        baseline.train()
-        rows.append(describe("student, hard labels only", baseline.model))
-    columns = ["model", "parameters"] + [f"{s} accuracy" for s in evaluation_splits] + ["latency b1 (ms)", "latency b32 (ms)"]
-    table = markdown_table(rows, columns)
-    results = {"rows": rows, "threads": torch.get_num_threads(), "eval_metrics": metrics}
-    if script.export_onnx and trainer.is_world_process_zero():
-        results["export"] = export_and_report(args.output_dir, teacher, tokenizer, data["validation"], script)
+    resume = resume_argument(args.resume_from_checkpoint)
+    splits, label_names = load_data(script, args)
+    models = load_teacher(script, args, label_names)
+    splits = remap_labels(splits, models.label_mapping)
+    data = tokenize_splits(splits, models.tokenizer, script.max_length)
+    fine_tune_teacher(models, script, args, data["train"].remove_columns("text"))
+    models.student, models.student_tokenizer = build_student(models, script, args)
+    trainer, metrics = distill(models, script, args, data, resume)
+    results = compare(trainer, models, script, args, data, metrics)
     if trainer.is_world_process_zero():
-        Path(args.output_dir, "results.json").write_text(json.dumps(results, indent=2, default=str))
-        if script.model_card:
-            trainer.create_model_card(dataset_name=script.dataset)
-        print(f"\nDistillation results ({torch.get_num_threads()} CPU threads)\n{table}\n")
-        print(f"Student saved to {args.output_dir}")
+        finish(trainer, models, script, args, splits, results)
     return results
 
 

@@ -89,8 +89,6 @@ def test_topk_cache_trains_without_the_teacher(stories_dir, cache_dir, tmp_path)
 
 
 def test_on_policy_mixing_runs_and_lowers_heldout_kl(stories_dir, cache_dir, tmp_path) -> None:
-    if "lmbda" not in {f.name for f in dataclasses.fields(DistillationArguments)}:
-        pytest.skip("DistillationArguments has no lmbda yet")
     results = dcl.main(_argv(stories_dir, cache_dir, tmp_path / "onpolicy", "--lmbda", "0.5", "--alpha", "1",
                              "--distillation_loss", "jsd", "--generation_max_new_tokens", "24",
                              "--skip_initial_eval", "true"))
@@ -206,11 +204,7 @@ def test_lora_adapter_teacher_without_its_base_is_refused(tmp_path) -> None:
 def test_out_of_range_jsd_beta_and_lmbda_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="jsd_beta"):
         dcl.parse_arguments(["--output_dir", str(tmp_path), "--jsd_beta", "1.5"])
-    if "lmbda" in {f.name for f in dataclasses.fields(DistillationArguments)}:
-        with pytest.raises(ValueError, match="lmbda"):
-            dcl.parse_arguments(["--output_dir", str(tmp_path), "--lmbda", "1.5"])
-        with pytest.raises(ValueError, match="teacher_topk"):
-            dcl.parse_arguments(["--output_dir", str(tmp_path), "--lmbda", "0.5", "--teacher_topk", "8"])
-    else:  # before on-policy support lands, the flag is refused with a message rather than argparse's
-        with pytest.raises(SystemExit, match="on-policy distillation is not in this version"):
-            dcl.parse_arguments(["--output_dir", str(tmp_path), "--lmbda", "0.5"])
+    with pytest.raises(ValueError, match="lmbda"):
+        dcl.parse_arguments(["--output_dir", str(tmp_path), "--lmbda", "1.5"])
+    with pytest.raises(ValueError, match="teacher_topk"):
+        dcl.parse_arguments(["--output_dir", str(tmp_path), "--lmbda", "0.5", "--teacher_topk", "8"])
