@@ -55,14 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # distill_causal_lm's openings and metrics
 
 from bench_loss_memory import peak_kb, reset_peak, status_kb  # noqa: E402
-from distill_causal_lm import (  # noqa: E402
-    DEFAULT_TEACHER_DIR,
-    HELDOUT_OPENINGS,
-    STORY_OPENINGS,
-    heldout_metrics,
-    load_llama2c_teacher,
-    narrow_causal_student,
-)
+from distill_causal_lm import DEFAULT_TEACHER_DIR, load_llama2c_teacher  # noqa: E402  (the script's defaults)
+
+from hf_distill.lm.evaluation import HELDOUT_OPENINGS, STORY_OPENINGS, heldout_metrics  # noqa: E402
+from hf_distill.students import narrow_causal_student  # noqa: E402
 
 KD_METHODS = {  # method -> DistillationArguments overrides
     "sft": {"alpha": 0.0},

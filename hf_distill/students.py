@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any, Optional
 
 import torch
 from transformers import PreTrainedModel
@@ -230,3 +231,35 @@ def bert_to_distilbert(model: PreTrainedModel) -> PreTrainedModel:
     _copy_matching(source, student, bert_key)
     parameter = next(model.parameters())
     return student.to(device=parameter.device, dtype=parameter.dtype).train(model.training)
+
+
+def narrow_causal_student(teacher: Any, hidden_size: int, num_layers: int, intermediate_size: Optional[int] = None,
+                          num_heads: Optional[int] = None, seed: int = 0) -> Any:
+    """A randomly initialised model of the teacher's class and vocabulary, narrower (``hidden_size``) and shallower."""
+    config = copy.deepcopy(teacher.config)
+    t_hidden = config.hidden_size
+    t_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or t_hidden // t_heads
+    heads = num_heads or max(1, hidden_size // head_dim)
+    if hidden_size % heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by {heads} attention heads; "
+                         "pass num_heads (--student_num_heads).")
+    group = t_heads // (getattr(config, "num_key_value_heads", None) or t_heads)  # query heads per kv head
+    kv = heads // group if group > 1 and heads % group == 0 else heads
+    t_inter = getattr(config, "intermediate_size", None)
+    updates = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": heads}
+    if hasattr(config, "num_key_value_heads"):
+        updates["num_key_value_heads"] = kv
+    if hasattr(config, "head_dim"):
+        updates["head_dim"] = hidden_size // heads
+    if t_inter is not None:
+        updates["intermediate_size"] = intermediate_size or max(1, round(t_inter * hidden_size / t_hidden))
+    if isinstance(getattr(config, "layer_types", None), list):
+        updates["layer_types"] = config.layer_types[:num_layers]
+    for name, value in updates.items():
+        setattr(config, name, value)
+    torch.manual_seed(seed)
+    student = type(teacher)(config)
+    if getattr(teacher, "generation_config", None) is not None:
+        student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student

@@ -49,18 +49,24 @@ def _load_local(path: Path, task: str, trust_remote_code: bool, allow_pickle_wei
     return from_pretrained_safely(AUTO_CLASS_BY_TASK[task], path, allow_pickle_weights, trust_remote_code=trust_remote_code)
 
 
-def _load_llama2c(folder: str) -> PreTrainedModel:
+def load_llama2c_teacher(folder: str | Path) -> tuple[PreTrainedModel, Any]:
+    """(model, tokenizer) of a llama2.c folder (one checkpoint ``*.bin`` and its SentencePiece ``*.model``),
+    converted on the fly; the model's name is ``llama2c:<folder>``."""
     from .llama2c import convert_llama2c
 
-    checkpoints = sorted(Path(folder).glob("*.bin"))
-    models = [p for p in checkpoints if not p.name.startswith("tok")]
-    tokenizers = sorted(Path(folder).glob("tok*.model")) or sorted(Path(folder).glob("tok*.bin"))
-    if not models or not tokenizers:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"llama2.c teacher folder {str(folder)!r} does not exist; pass llama2c:<folder>.")
+    checkpoints = sorted(p for p in folder.glob("*.bin") if not p.name.startswith("tok"))
+    tokenizers = sorted(folder.glob("*.model")) or sorted(folder.glob("tok*.bin"))
+    if len(checkpoints) != 1 or not tokenizers:
         raise FileNotFoundError(
-            f"{folder} holds no llama2.c checkpoint (*.bin) and tokenizer (tok*.model): pass llama2c:<folder with both>."
+            f"{folder} must hold one llama2.c checkpoint (*.bin) and its SentencePiece tokenizer (*.model); found "
+            f"checkpoints {[p.name for p in checkpoints]} and tokenizers {[p.name for p in tokenizers]}."
         )
-    model, _ = convert_llama2c(models[0], tokenizers[0])
-    return model
+    model, tokenizer = convert_llama2c(checkpoints[0], tokenizers[0])
+    model.config._name_or_path = f"{LLAMA2C_PREFIX}{folder}"
+    return model.eval(), tokenizer
 
 
 def load_teacher(name_or_path: str, task: str, trust_remote_code: bool = False,
@@ -70,7 +76,7 @@ def load_teacher(name_or_path: str, task: str, trust_remote_code: bool = False,
     of them works."""
     name_or_path = str(name_or_path)
     if name_or_path.startswith(LLAMA2C_PREFIX):
-        return _load_llama2c(name_or_path[len(LLAMA2C_PREFIX):])
+        return load_llama2c_teacher(name_or_path[len(LLAMA2C_PREFIX):])[0]
     path = Path(name_or_path).expanduser()
     if path.exists():
         return _load_local(path, task, trust_remote_code, allow_pickle_weights)

@@ -31,11 +31,9 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -50,30 +48,14 @@ except ImportError:  # run from a checkout without installing the package
 
 import torch  # noqa: E402
 
+from hf_distill.lm.evaluation import HELDOUT_OPENINGS, STORY_OPENINGS, heldout_metrics  # noqa: E402,F401
+from hf_distill.students import narrow_causal_student  # noqa: E402
+
 logger = logging.getLogger("distill_causal_lm")
 
 DEFAULT_TEACHER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "models" / "stories260K"
 LLAMA2C_PREFIX = "llama2c:"
 
-#: Prompts of the default transfer set: openings in the style of TinyStories.
-STORY_OPENINGS = [
-    "Once upon a time, there was a", "One day, a little", "Tom and his dog", "Lily wanted to",
-    "Once upon a time, in a big forest,", "There was a little boy named", "Sue had a red ball.",
-    "The sun was shining and", "Mom said to Ben,", "One morning, a cat", "Anna and her friend",
-    "Once there was a small bird", "Max liked to play with", "It was a rainy day.", "The little girl found a",
-    "Tim went to the park", "Once upon a time, a bunny", "Sara had a big box.", "The dog was very happy because",
-    "One day, Mia saw a", "Jack and Jill went", "There was a big tree in the", "Lucy loved her doll.",
-    "A little fish lived in", "Once upon a time, there lived a king", "Ben was sad because", "The bear wanted to eat",
-    "Every day, Amy would", "In the garden, there was", "Sam had a new toy", "Once upon a time, a little car",
-    "The kids were playing", "Dad took Tom to the", "A girl named Zoe", "The cat and the mouse", "One night, the moon",
-    "Lily and her mom baked", "There once was a happy frog", "The old man had a", "Once upon a time, a tiny ant",
-]
-#: Openings of the held-out evaluation set (none of them is a transfer-set opening).
-HELDOUT_OPENINGS = [
-    "Once upon a time, there was a big", "Billy found a shiny", "The bird flew to", "Emma and Tom were",
-    "One sunny day, a duck", "Grandma gave Lily a", "There was a girl who liked", "The puppy ran to",
-    "Once upon a time, a boy named Joe", "Kate wanted a cookie.", "The toy truck was", "Once there was a little star",
-]
 
 #: Defaults of DistillationArguments that this script changes (flags still override them).
 SCRIPT_DEFAULTS = {
@@ -216,25 +198,16 @@ def _with_pad_token(tokenizer: Any) -> Any:
 
 
 def load_llama2c_teacher(folder: str | Path) -> tuple[Any, Any]:
-    """Convert a llama2.c folder (one checkpoint ``*.bin`` and one ``*.model`` tokenizer) on the fly."""
-    from hf_distill import convert_llama2c
+    """A llama2.c folder as (teacher, tokenizer with a pad token), converted on the fly."""
+    from hf_distill.teachers import load_llama2c_teacher as load
 
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
+    if not Path(folder).expanduser().is_dir():
         raise FileNotFoundError(
             f"llama2.c teacher folder {str(folder)!r} does not exist. The default teacher lives in "
             f"{DEFAULT_TEACHER_DIR}; pass --teacher <folder, Hub id or llama2c:<dir>>."
         )
-    checkpoints = sorted(p for p in folder.glob("*.bin") if not p.name.startswith("tok"))
-    tokenizers = sorted(folder.glob("*.model")) or sorted(folder.glob("tok*.bin"))
-    if len(checkpoints) != 1 or not tokenizers:
-        raise FileNotFoundError(
-            f"{folder} must hold one llama2.c checkpoint (*.bin) and its SentencePiece tokenizer (*.model); found "
-            f"checkpoints {[p.name for p in checkpoints]} and tokenizers {[p.name for p in tokenizers]}."
-        )
-    teacher, tokenizer = convert_llama2c(checkpoints[0], tokenizers[0])
-    teacher.config._name_or_path = f"{LLAMA2C_PREFIX}{folder}"
-    return teacher.eval(), _with_pad_token(tokenizer)
+    teacher, tokenizer = load(folder)
+    return teacher, _with_pad_token(tokenizer)
 
 
 def load_causal_teacher(spec: Optional[str], base_model: Optional[str] = None,
@@ -275,38 +248,6 @@ def refuse_non_causal_teacher(spec: str) -> None:
             "head). Distil encoders for classification with scripts/distill_classification.py --teacher "
             f"{spec}; this script needs a decoder such as stories260K or a *ForCausalLM folder."
         )
-
-
-def narrow_causal_student(teacher: Any, hidden_size: int, num_layers: int, intermediate_size: Optional[int] = None,
-                          num_heads: Optional[int] = None, seed: int = 0) -> Any:
-    """A randomly initialised model of the teacher's class and vocabulary, narrower (``hidden_size``) and shallower."""
-    config = copy.deepcopy(teacher.config)
-    t_hidden = config.hidden_size
-    t_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or t_hidden // t_heads
-    heads = num_heads or max(1, hidden_size // head_dim)
-    if hidden_size % heads:
-        raise ValueError(f"--student_hidden_size {hidden_size} is not divisible by {heads} attention heads; "
-                         "pass --student_num_heads.")
-    group = t_heads // (getattr(config, "num_key_value_heads", None) or t_heads)  # query heads per kv head
-    kv = heads // group if group > 1 and heads % group == 0 else heads
-    t_inter = getattr(config, "intermediate_size", None)
-    updates = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": heads}
-    if hasattr(config, "num_key_value_heads"):
-        updates["num_key_value_heads"] = kv
-    if hasattr(config, "head_dim"):
-        updates["head_dim"] = hidden_size // heads
-    if t_inter is not None:
-        updates["intermediate_size"] = intermediate_size or max(1, round(t_inter * hidden_size / t_hidden))
-    if isinstance(getattr(config, "layer_types", None), list):
-        updates["layer_types"] = config.layer_types[:num_layers]
-    for name, value in updates.items():
-        setattr(config, name, value)
-    torch.manual_seed(seed)
-    student = type(teacher)(config)
-    if getattr(teacher, "generation_config", None) is not None:
-        student.generation_config = copy.deepcopy(teacher.generation_config)
-    return student
 
 
 def build_causal_student(script: ScriptArguments, teacher: Any, teacher_tokenizer: Any, seed: int = 0,
@@ -441,38 +382,6 @@ def tokenize(dataset: Any, tokenizer: Any, script: ScriptArguments, limit: Optio
 # ----------------------------------------------------------------------------------------------
 # Evaluation (independent of hf_distill.losses)
 # ----------------------------------------------------------------------------------------------
-def heldout_metrics(student: Any, teacher: Any, dataset: Any, tokenizer: Any, batch_size: int = 16) -> dict[str, float]:
-    """On the completion tokens of ``dataset``: KL(teacher ‖ student) per token at T = 1, student and teacher
-    perplexity of the completions, and top-1 agreement of the two models."""
-    from hf_distill.causal_lm import CompletionCollator
-
-    collate = CompletionCollator(tokenizer)
-    sums = {"kl": 0.0, "nll": 0.0, "teacher_nll": 0.0, "agree": 0.0, "tokens": 0.0}
-    was_training = student.training
-    student.eval()
-    device = next(student.parameters()).device
-    teacher_device = next(teacher.parameters()).device
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            log_q = torch.log_softmax(student(**{k: v.to(device) for k, v in inputs.items()}).logits[:, :-1].float(), -1)
-            logits_t = teacher(**{k: v.to(teacher_device) for k, v in inputs.items()}).logits[:, :-1].float()
-            log_p = torch.log_softmax(logits_t.to(log_q.device), -1)
-            targets = batch["labels"][:, 1:].to(log_q.device)
-            mask = targets != -100
-            safe = targets.clamp(min=0).unsqueeze(-1)
-            sums["kl"] += float((log_p.exp() * (log_p - log_q)).sum(-1)[mask].sum())
-            sums["nll"] += float(-log_q.gather(-1, safe).squeeze(-1)[mask].sum())
-            sums["teacher_nll"] += float(-log_p.gather(-1, safe).squeeze(-1)[mask].sum())
-            sums["agree"] += float((log_q.argmax(-1) == log_p.argmax(-1))[mask].sum())
-            sums["tokens"] += float(mask.sum())
-    student.train(was_training)
-    n = max(sums["tokens"], 1.0)
-    return {"kl": sums["kl"] / n, "ppl": math.exp(sums["nll"] / n), "teacher_ppl": math.exp(sums["teacher_nll"] / n),
-            "top1_agreement": sums["agree"] / n, "tokens": sums["tokens"]}
-
-
 def results_table(results: dict[str, Any]) -> str:
     rows = ["| model | held-out KL(teacher ‖ model) | held-out perplexity | top-1 agreement | parameters |",
             "|---|---:|---:|---:|---:|"]

@@ -234,7 +234,8 @@ def _refuse_prompts_without_room(raw_prompt_lengths: Sequence[int], max_length: 
         f"Example {index} has a prompt of {length} tokens, which leaves no room for a completion token at "
         f"max_length={max_length}. {len(too_long)} example(s) are affected: {listed}{more}. Raise max_length "
         f"to at least {max(n for _, n in too_long) + 1}, or shorten (or filter out) these prompts, or pass "
-        f"truncation_side='left' to cut prompts from the start."
+        "truncation_side='left' (--truncation_side left in scripts/distill_causal_lm.py) to cut prompts from the "
+        "start."
     )
 
 
