@@ -43,6 +43,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Optional  # noqa: E402
@@ -386,162 +387,210 @@ def mean_std(s: dict) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    """Teachers, transfer sets, the student runs of each group, then the table, goals and report."""
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     hf_logging.set_verbosity_warning()
     if args.threads:
         torch.set_num_threads(args.threads)
-    wall = time.perf_counter()
-    bench = Bench(args)
-    logger.info("SST-2: %d train / %d validation / %d test rows; %d steps per student run.", len(bench.train),
-                len(bench.data["validation"]), len(bench.data["test"]), bench.steps)
-
-    need = args.teacher_seeds if "c" in args.groups or args.teachers_only else args.teacher_seeds[:1]
-    teachers, metas = {}, {}
-    for seed in need:
-        teachers[seed], metas[seed] = get_teacher(bench, seed)
+    ctx = SimpleNamespace(args=args, wall=time.perf_counter(), bench=Bench(args))
+    logger.info("SST-2: %d train / %d validation / %d test rows; %d steps per student run.", len(ctx.bench.train),
+                len(ctx.bench.data["validation"]), len(ctx.bench.data["test"]), ctx.bench.steps)
+    load_teachers(ctx)
     if args.teachers_only:
-        for seed in need:
-            teacher_logits(bench, teachers[seed], bench.train, metas[seed], "train")
-            print(f"teacher seed {seed}: {json.dumps(metas[seed]['accuracy'])} ({metas[seed].get('folder')})")
-        return {"teachers": metas}
-    tfidf = None if args.skip_tfidf else tfidf_baseline(bench)
-    main_seed = args.teacher_seeds[0]
-    teacher, teacher_meta = teachers[main_seed], metas[main_seed]
-    t_acc = teacher_meta["accuracy"]
-
-    # Architectures (latency and size depend on the shapes only).
-    def copied_student() -> torch.nn.Module:
-        return create_student(teacher, num_layers=args.student_layers)
-
-    def narrow() -> torch.nn.Module:
-        return narrow_student(teacher, args.narrow_layers, args.narrow_hidden, args.narrow_heads)
-
-    shapes = {"teacher": teacher, "copied": copied_student(), "narrow": narrow()}
-    lat = latencies(bench, shapes)
-    size = {name: {"total": count_parameters(m), "non_embedding": count_parameters(m, exclude_embeddings=True)}
-            for name, m in shapes.items()}
-
-    logits = {seed: teacher_logits(bench, teachers[seed], bench.train, metas[seed], "train") for seed in need}
-    kd_train = with_logits(bench.train, logits[main_seed])
-    augmented = None
-    if args.augment and set(args.groups) & {"a", "c"}:
-        augmented = augmented_rows(bench, seed=0)
-        aug_logits = {seed: teacher_logits(bench, teachers[seed], augmented, metas[seed], f"aug{args.augment}")
-                      for seed in need}
-        logger.info("Augmentation: %d teacher-labelled rows added to the KD transfer set.", len(augmented))
-    teacher_ids = {seed: Path(metas[seed]["folder"]).name if metas[seed].get("folder") else f"seed{seed}" for seed in need}
-    kd = dict(temperature=args.temperature, alpha=args.alpha)
-
-    # Augmented rows exist once, so their teacher logits are cached: with --augment (c) uses the cached mixture.
-    ensemble_mode = "live" if args.ensemble == "live" and augmented is None else "cached"
-    if "c" in args.groups and ensemble_mode != args.ensemble:
-        logger.info("(c) trains from the cached teacher mixture: --augment needs cached teacher outputs.")
-    runs: dict[str, list[dict]] = {}
-
-    def add(key: str, result: dict) -> None:
-        runs.setdefault(key, []).append(result)
-
+        for seed in ctx.need:
+            teacher_logits(ctx.bench, ctx.teachers[seed], ctx.bench.train, ctx.metas[seed], "train")
+            print(f"teacher seed {seed}: {json.dumps(ctx.metas[seed]['accuracy'])} ({ctx.metas[seed].get('folder')})")
+        return {"teachers": ctx.metas}
+    ctx.tfidf = None if args.skip_tfidf else tfidf_baseline(ctx.bench)
+    measure_shapes(ctx)
+    prepare_transfer_sets(ctx)
+    ctx.runs = {}
     for seed in args.seeds:
-        if set(args.groups) & {"a", "c"}:
-            base = {"teacher": teacher_ids[main_seed], "student": f"create_student/{args.student_layers}"}
-            add("a_hard", run_student(bench, "a_hard", seed, copied_student, None, kd_train, base, args.lr,
-                                      alpha=0.0, temperature=HARD_T))
-        if "a" in args.groups:
-            train = kd_train
-            if augmented is not None:
-                train = concatenate_datasets([kd_train, with_logits(augmented, aug_logits[main_seed])])
-            add("a_kd", run_student(bench, "a_kd", seed, copied_student, None, train,
-                                    {**base, "augment": args.augment}, args.lr, **kd))
-        if "b" in args.groups:
-            nbase = {"teacher": teacher_ids[main_seed], "student": f"narrow/{args.narrow_layers}x{args.narrow_hidden}"
-                     f"/{args.narrow_heads}h"}
-            add("b_hard", run_student(bench, "b_hard", seed, narrow, None, kd_train, nbase, args.narrow_lr,
-                                      alpha=0.0, temperature=HARD_T))
-            terms = dict(hidden_weight=args.narrow_hidden_weight, hidden_loss=args.narrow_hidden_loss,
-                         hidden_layer_map=args.narrow_hidden_layer_map, attention_weight=args.narrow_attention_weight,
-                         attention_loss=args.narrow_attention_loss, relation_weight=args.narrow_relation_weight,
-                         relation_loss=args.narrow_relation_loss)
-            add("b_kd", run_student(bench, "b_kd", seed, narrow, teacher, bench.train, nbase, args.narrow_lr,
-                                    temperature=args.temperature, alpha=args.narrow_alpha, **terms))
-        if "c" in args.groups:
-            cbase = {"teachers": [teacher_ids[s] for s in need], "student": f"create_student/{args.student_layers}",
-                     "ensemble": ensemble_mode, "augment": args.augment}
-            weights = [1.0 / len(need)] * len(need)
-            if ensemble_mode == "live":
-                add("c_ens", run_student(bench, "c_ens", seed, copied_student, [teachers[s] for s in need], bench.train,
-                                         cbase, args.lr, teacher_weights=weights,
-                                         multi_teacher_mode=args.multi_teacher_mode, **kd))
-            else:
-                from hf_distill.losses.logits import teacher_mixture_logits
+        run_groups(ctx, seed)
+    table, report_rows = results_table(ctx)
+    goals = goals_of(ctx, report_rows)
+    return write_report(ctx, table, report_rows, goals)
 
-                def mixture(per_teacher: dict) -> np.ndarray:
-                    return teacher_mixture_logits([torch.from_numpy(per_teacher[s]) for s in need], weights,
-                                                  args.temperature).numpy()
 
-                train = with_logits(bench.train, mixture(logits))
-                if augmented is not None:
-                    train = concatenate_datasets([train, with_logits(augmented, mixture(aug_logits))])
-                add("c_ens", run_student(bench, "c_ens", seed, copied_student, None, train, cbase, args.lr, **kd))
+def load_teachers(ctx: SimpleNamespace) -> None:
+    """The teachers the groups need (all seeds for the ensemble), trained or read from the cache."""
+    args = ctx.args
+    ctx.need = args.teacher_seeds if "c" in args.groups or args.teachers_only else args.teacher_seeds[:1]
+    ctx.teachers, ctx.metas = {}, {}
+    for seed in ctx.need:
+        ctx.teachers[seed], ctx.metas[seed] = get_teacher(ctx.bench, seed)
+    ctx.main_seed = args.teacher_seeds[0]
+    ctx.teacher = ctx.teachers[ctx.main_seed]
 
-    # ----------------------------------------------------------------------------------------- table
-    single = {seed: metas[seed]["accuracy"] for seed in need}
-    best_seed = max(single, key=lambda s: single[s]["test"])
-    ens = ensemble_accuracy(bench, [teachers[s] for s in need]) if len(need) > 1 else None
-    labels = {
+
+def measure_shapes(ctx: SimpleNamespace) -> None:
+    """Student builders, and latency and size per architecture (they depend on the shapes only)."""
+    args, teacher = ctx.args, ctx.teacher
+    ctx.copied_student = lambda: create_student(teacher, num_layers=args.student_layers)
+    ctx.narrow = lambda: narrow_student(teacher, args.narrow_layers, args.narrow_hidden, args.narrow_heads)
+    shapes = {"teacher": teacher, "copied": ctx.copied_student(), "narrow": ctx.narrow()}
+    ctx.lat = latencies(ctx.bench, shapes)
+    ctx.size = {name: {"total": count_parameters(m), "non_embedding": count_parameters(m, exclude_embeddings=True)}
+                for name, m in shapes.items()}
+
+
+def prepare_transfer_sets(ctx: SimpleNamespace) -> None:
+    """Cached teacher logits of the training set (and of augmented rows), per teacher."""
+    args, bench, need = ctx.args, ctx.bench, ctx.need
+    ctx.logits = {seed: teacher_logits(bench, ctx.teachers[seed], bench.train, ctx.metas[seed], "train") for seed in need}
+    ctx.kd_train = with_logits(bench.train, ctx.logits[ctx.main_seed])
+    ctx.augmented, ctx.aug_logits = None, {}
+    if args.augment and set(args.groups) & {"a", "c"}:
+        ctx.augmented = augmented_rows(bench, seed=0)
+        ctx.aug_logits = {seed: teacher_logits(bench, ctx.teachers[seed], ctx.augmented, ctx.metas[seed],
+                                               f"aug{args.augment}") for seed in need}
+        logger.info("Augmentation: %d teacher-labelled rows added to the KD transfer set.", len(ctx.augmented))
+    ctx.teacher_ids = {seed: Path(ctx.metas[seed]["folder"]).name if ctx.metas[seed].get("folder") else f"seed{seed}"
+                       for seed in need}
+    # Augmented rows exist once, so their teacher logits are cached: with --augment (c) uses the cached mixture.
+    ctx.ensemble_mode = "live" if args.ensemble == "live" and ctx.augmented is None else "cached"
+    if "c" in args.groups and ctx.ensemble_mode != args.ensemble:
+        logger.info("(c) trains from the cached teacher mixture: --augment needs cached teacher outputs.")
+
+
+def _add(ctx: SimpleNamespace, key: str, result: dict) -> None:
+    ctx.runs.setdefault(key, []).append(result)
+
+
+def run_groups(ctx: SimpleNamespace, seed: int) -> None:
+    """One seed of each group: (a) copied student, (b) narrow student, (c) ensemble."""
+    args, bench = ctx.args, ctx.bench
+    kd = dict(temperature=args.temperature, alpha=args.alpha)
+    base = {"teacher": ctx.teacher_ids[ctx.main_seed], "student": f"create_student/{args.student_layers}"}
+    if set(args.groups) & {"a", "c"}:
+        _add(ctx, "a_hard", run_student(bench, "a_hard", seed, ctx.copied_student, None, ctx.kd_train, base, args.lr,
+                                        alpha=0.0, temperature=HARD_T))
+    if "a" in args.groups:
+        train = ctx.kd_train
+        if ctx.augmented is not None:
+            train = concatenate_datasets([ctx.kd_train, with_logits(ctx.augmented, ctx.aug_logits[ctx.main_seed])])
+        _add(ctx, "a_kd", run_student(bench, "a_kd", seed, ctx.copied_student, None, train,
+                                      {**base, "augment": args.augment}, args.lr, **kd))
+    if "b" in args.groups:
+        run_narrow_group(ctx, seed)
+    if "c" in args.groups:
+        run_ensemble_group(ctx, seed, kd)
+
+
+def run_narrow_group(ctx: SimpleNamespace, seed: int) -> None:
+    """(b): the narrow student on hard labels, and with KD + the intermediate terms."""
+    args, bench = ctx.args, ctx.bench
+    nbase = {"teacher": ctx.teacher_ids[ctx.main_seed],
+             "student": f"narrow/{args.narrow_layers}x{args.narrow_hidden}/{args.narrow_heads}h"}
+    _add(ctx, "b_hard", run_student(bench, "b_hard", seed, ctx.narrow, None, ctx.kd_train, nbase, args.narrow_lr,
+                                    alpha=0.0, temperature=HARD_T))
+    terms = dict(hidden_weight=args.narrow_hidden_weight, hidden_loss=args.narrow_hidden_loss,
+                 hidden_layer_map=args.narrow_hidden_layer_map, attention_weight=args.narrow_attention_weight,
+                 attention_loss=args.narrow_attention_loss, relation_weight=args.narrow_relation_weight,
+                 relation_loss=args.narrow_relation_loss)
+    _add(ctx, "b_kd", run_student(bench, "b_kd", seed, ctx.narrow, ctx.teacher, bench.train, nbase, args.narrow_lr,
+                                  temperature=args.temperature, alpha=args.narrow_alpha, **terms))
+
+
+def run_ensemble_group(ctx: SimpleNamespace, seed: int, kd: dict) -> None:
+    """(c): the copied student distilled from every teacher, live or from the cached mixture."""
+    args, bench, need = ctx.args, ctx.bench, ctx.need
+    cbase = {"teachers": [ctx.teacher_ids[s] for s in need], "student": f"create_student/{args.student_layers}",
+             "ensemble": ctx.ensemble_mode, "augment": args.augment}
+    weights = [1.0 / len(need)] * len(need)
+    if ctx.ensemble_mode == "live":
+        _add(ctx, "c_ens", run_student(bench, "c_ens", seed, ctx.copied_student, [ctx.teachers[s] for s in need],
+                                       bench.train, cbase, args.lr, teacher_weights=weights,
+                                       multi_teacher_mode=args.multi_teacher_mode, **kd))
+        return
+    from hf_distill.losses.logits import teacher_mixture_logits
+
+    def mixture(per_teacher: dict) -> np.ndarray:
+        return teacher_mixture_logits([torch.from_numpy(per_teacher[s]) for s in need], weights,
+                                      args.temperature).numpy()
+
+    train = with_logits(bench.train, mixture(ctx.logits))
+    if ctx.augmented is not None:
+        train = concatenate_datasets([train, with_logits(ctx.augmented, mixture(ctx.aug_logits))])
+    _add(ctx, "c_ens", run_student(bench, "c_ens", seed, ctx.copied_student, None, train, cbase, args.lr, **kd))
+
+
+def _row_labels(ctx: SimpleNamespace) -> dict[str, str]:
+    args = ctx.args
+    augment = f", +{args.augment}x augmentation" if args.augment else ""
+    return {
         "a_hard": f"(a) {args.student_layers}-layer copied student, hard labels only",
         "a_kd": f"(a) {args.student_layers}-layer copied student, logit KD (T={args.temperature}, alpha={args.alpha})"
-                + (f", +{args.augment}x augmentation" if args.augment else ""),
+                + augment,
         "b_hard": f"(b) narrow {args.narrow_layers}x{args.narrow_hidden} student, hard labels only",
         "b_kd": f"(b) narrow {args.narrow_layers}x{args.narrow_hidden} student, KD + hidden"
                 + (f" + attention ({args.narrow_attention_loss})" if args.narrow_attention_weight else "")
                 + (f" + relation ({args.narrow_relation_loss})" if args.narrow_relation_weight else ""),
-        "c_ens": f"(c) {args.student_layers}-layer copied student, {len(need)}-teacher ensemble KD ({ensemble_mode})"
-                 + (f", +{args.augment}x augmentation" if args.augment else ""),
+        "c_ens": f"(c) {args.student_layers}-layer copied student, {len(ctx.need)}-teacher ensemble KD "
+                 f"({ctx.ensemble_mode})" + augment,
     }
-    shape_of = {"a_hard": "copied", "a_kd": "copied", "c_ens": "copied", "b_hard": "narrow", "b_kd": "narrow"}
-    rows, report_rows = [], []
 
-    def ratio_cells(shape: str) -> dict:
-        return {
-            "params (total)": f"{size[shape]['total'] / 1e6:.2f}M ({size[shape]['total'] / size['teacher']['total']:.2f}x)",
-            "non-emb params": f"{size[shape]['non_embedding'] / 1e6:.2f}M "
-                              f"({size[shape]['non_embedding'] / size['teacher']['non_embedding']:.2f}x)",
-            "latency b1": f"{lat[shape]['batch_1']:.1f} ms ({lat[shape]['batch_1'] / lat['teacher']['batch_1']:.2f}x)",
-            "latency b32": f"{lat[shape]['batch_32']:.1f} ms ({lat[shape]['batch_32'] / lat['teacher']['batch_32']:.2f}x)",
-        }
 
-    rows.append({"model": f"teacher (seed {main_seed}, {args.teacher_layers}x{args.teacher_hidden}, from scratch)",
-                 "validation": pct(t_acc["validation"]), "test": pct(t_acc["test"]), "test retention": "100.0%",
-                 **ratio_cells("teacher")})
+def _ratio_cells(ctx: SimpleNamespace, shape: str) -> dict:
+    size, lat = ctx.size, ctx.lat
+    return {
+        "params (total)": f"{size[shape]['total'] / 1e6:.2f}M ({size[shape]['total'] / size['teacher']['total']:.2f}x)",
+        "non-emb params": f"{size[shape]['non_embedding'] / 1e6:.2f}M "
+                          f"({size[shape]['non_embedding'] / size['teacher']['non_embedding']:.2f}x)",
+        "latency b1": f"{lat[shape]['batch_1']:.1f} ms ({lat[shape]['batch_1'] / lat['teacher']['batch_1']:.2f}x)",
+        "latency b32": f"{lat[shape]['batch_32']:.1f} ms ({lat[shape]['batch_32'] / lat['teacher']['batch_32']:.2f}x)",
+    }
+
+
+def _reference_rows(ctx: SimpleNamespace) -> list[dict]:
+    """Teachers, their ensemble and the TF-IDF line."""
+    args, need, single = ctx.args, ctx.need, ctx.single
+    t_acc = ctx.metas[ctx.main_seed]["accuracy"]
+    rows = [{"model": f"teacher (seed {ctx.main_seed}, {args.teacher_layers}x{args.teacher_hidden}, from scratch)",
+             "validation": pct(t_acc["validation"]), "test": pct(t_acc["test"]), "test retention": "100.0%",
+             **_ratio_cells(ctx, "teacher")}]
     for seed in need[1:]:
         rows.append({"model": f"teacher (seed {seed})", "validation": pct(single[seed]["validation"]),
                      "test": pct(single[seed]["test"])})
-    if ens is not None:
-        rows.append({"model": f"ensemble of {len(need)} teachers (mean probabilities)", "validation": pct(ens["validation"]),
-                     "test": pct(ens["test"])})
-    if tfidf is not None:
-        rows.append({"model": f"TF-IDF (1-2 grams) + logistic regression (C={tfidf['C']})",
-                     "validation": pct(tfidf["validation"]), "test": pct(tfidf["test"])})
-    for key in ("a_hard", "a_kd", "b_hard", "b_kd", "c_ens"):
-        if key not in runs:
-            continue
-        val = summarise([r["accuracy"]["validation"] for r in runs[key]])
-        test = summarise([r["accuracy"]["test"] for r in runs[key]])
-        reference = single[best_seed]["test"] if key == "c_ens" else t_acc["test"]
+    if ctx.ens is not None:
+        rows.append({"model": f"ensemble of {len(need)} teachers (mean probabilities)",
+                     "validation": pct(ctx.ens["validation"]), "test": pct(ctx.ens["test"])})
+    if ctx.tfidf is not None:
+        rows.append({"model": f"TF-IDF (1-2 grams) + logistic regression (C={ctx.tfidf['C']})",
+                     "validation": pct(ctx.tfidf["validation"]), "test": pct(ctx.tfidf["test"])})
+    return rows
+
+
+def results_table(ctx: SimpleNamespace) -> tuple[str, list[dict]]:
+    """(markdown table, one summary per student group)."""
+    ctx.single = {seed: ctx.metas[seed]["accuracy"] for seed in ctx.need}
+    ctx.best_seed = max(ctx.single, key=lambda s: ctx.single[s]["test"])
+    ctx.ens = ensemble_accuracy(ctx.bench, [ctx.teachers[s] for s in ctx.need]) if len(ctx.need) > 1 else None
+    labels, t_test = _row_labels(ctx), ctx.metas[ctx.main_seed]["accuracy"]["test"]
+    shape_of = {"a_hard": "copied", "a_kd": "copied", "c_ens": "copied", "b_hard": "narrow", "b_kd": "narrow"}
+    rows, report_rows = _reference_rows(ctx), []
+    for key in [k for k in ("a_hard", "a_kd", "b_hard", "b_kd", "c_ens") if k in ctx.runs]:
+        runs = ctx.runs[key]
+        val = summarise([r["accuracy"]["validation"] for r in runs])
+        test = summarise([r["accuracy"]["test"] for r in runs])
+        reference = ctx.single[ctx.best_seed]["test"] if key == "c_ens" else t_test
         retention = test["mean"] / reference
         report_rows.append({"key": key, "label": labels[key], "validation": val, "test": test,
                             "test_retention": retention, "retention_reference_test": reference,
-                            "seeds": [r["seed"] for r in runs[key]],
-                            "train_seconds": [r["train_seconds"] for r in runs[key]], "shape": shape_of[key]})
-        rows.append({"model": labels[key] + f" [{len(runs[key])} seeds]", "validation": mean_std(val), "test": mean_std(test),
+                            "seeds": [r["seed"] for r in runs], "train_seconds": [r["train_seconds"] for r in runs],
+                            "shape": shape_of[key]})
+        rows.append({"model": labels[key] + f" [{len(runs)} seeds]", "validation": mean_std(val), "test": mean_std(test),
                      "test retention": f"{100 * retention:.1f}%" + (" (vs best teacher)" if key == "c_ens" else ""),
-                     **ratio_cells(shape_of[key])})
+                     **_ratio_cells(ctx, shape_of[key])})
     columns = ["model", "validation", "test", "test retention", "params (total)", "non-emb params", "latency b1",
                "latency b32"]
-    table = markdown_table(rows, columns)
+    return markdown_table(rows, columns), report_rows
 
-    by_key = {r["key"]: r for r in report_rows}
+
+def goals_of(ctx: SimpleNamespace, report_rows: list[dict]) -> dict:
+    """This benchmark's goals, each with its figures and whether it is met."""
+    by_key, size = {r["key"]: r for r in report_rows}, ctx.size
     goals = {}
     if "a_kd" in by_key and "a_hard" in by_key:
         gain = by_key["a_kd"]["test"]["mean"] - by_key["a_hard"]["test"]["mean"]
@@ -556,33 +605,41 @@ def main(argv: Optional[list[str]] = None) -> dict:
                       if "b_hard" in by_key else None,
                       "met": share <= 0.40 and by_key["b_kd"]["test_retention"] >= 0.98}
     if "c_ens" in by_key:
+        best = ctx.single[ctx.best_seed]["test"]
         goals["c"] = {"goal": "ensemble-distilled student beats the best single teacher (test, 3-seed mean)",
-                      "student_test": by_key["c_ens"]["test"]["mean"], "best_teacher_test": single[best_seed]["test"],
-                      "best_teacher_seed": best_seed, "met": by_key["c_ens"]["test"]["mean"] > single[best_seed]["test"]}
-    goal_lines = []
-    for name, g in goals.items():
-        detail = {"a": lambda g: f"gain {g['gain_points']:+.2f} points, retention {100 * g['retention']:.1f}%",
-                  "b": lambda g: f"{100 * g['parameter_share']:.1f}% of the parameters, retention {100 * g['retention']:.1f}%",
-                  "c": lambda g: f"student {pct(g['student_test'])} vs best teacher {pct(g['best_teacher_test'])}"}[name](g)
-        goal_lines.append(f"- ({name}) {g['goal']}: **{'met' if g['met'] else 'not met'}** ({detail})")
+                      "student_test": by_key["c_ens"]["test"]["mean"], "best_teacher_test": best,
+                      "best_teacher_seed": ctx.best_seed, "met": by_key["c_ens"]["test"]["mean"] > best}
+    return goals
 
-    runtime = time.perf_counter() - wall
+
+def _goal_lines(goals: dict) -> list[str]:
+    detail = {"a": lambda g: f"gain {g['gain_points']:+.2f} points, retention {100 * g['retention']:.1f}%",
+              "b": lambda g: f"{100 * g['parameter_share']:.1f}% of the parameters, retention {100 * g['retention']:.1f}%",
+              "c": lambda g: f"student {pct(g['student_test'])} vs best teacher {pct(g['best_teacher_test'])}"}
+    return [f"- ({name}) {g['goal']}: **{'met' if g['met'] else 'not met'}** ({detail[name](g)})"
+            for name, g in goals.items()]
+
+
+def write_report(ctx: SimpleNamespace, table: str, report_rows: list[dict], goals: dict) -> dict:
+    """JSON + markdown next to --output, printed too."""
+    args, bench = ctx.args, ctx.bench
+    runtime = time.perf_counter() - ctx.wall
     header = (f"SST-2 (sentence level): {len(bench.train)} train / {len(bench.data['validation'])} validation / "
               f"{len(bench.data['test'])} test rows, max_length {args.max_length}, {bench.steps} steps of batch "
               f"{args.batch_size} per student, seeds {args.seeds}, {torch.get_num_threads()} CPU threads; "
               f"accuracy in %, mean ± std over seeds; latency ratios vs the teacher.")
-    train_seconds = {"teachers": sum(m.get("train_seconds", 0.0) for m in metas.values()),
-                     "students": sum(r["train_seconds"] for rs in runs.values() for r in rs)}
-    markdown = "\n".join([header, "", table, "", *goal_lines, "",
+    train_seconds = {"teachers": sum(m.get("train_seconds", 0.0) for m in ctx.metas.values()),
+                     "students": sum(r["train_seconds"] for rs in ctx.runs.values() for r in rs)}
+    markdown = "\n".join([header, "", table, "", *_goal_lines(goals), "",
                           f"Runtime: {runtime / 60:.1f} min for this invocation; training time of every run in the table "
                           f"(cached ones included, as measured when they ran): teachers {train_seconds['teachers'] / 60:.1f} "
                           f"min, students {train_seconds['students'] / 60:.1f} min."])
     report = {
-        "config": {k: v for k, v in vars(args).items()}, "steps_per_student": bench.steps,
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "teachers": {str(s): metas[s] for s in need}, "teacher_ensemble": ens, "tfidf_logreg": tfidf,
-        "parameters": size, "latency_ms": lat, "students": report_rows,
-        "runs": {k: v for k, v in runs.items()}, "goals": goals, "runtime_seconds": runtime, "train_seconds": train_seconds, "markdown": markdown,
+        "config": dict(vars(args)), "steps_per_student": bench.steps, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "teachers": {str(s): ctx.metas[s] for s in ctx.need}, "teacher_ensemble": ctx.ens,
+        "tfidf_logreg": ctx.tfidf, "parameters": ctx.size, "latency_ms": ctx.lat, "students": report_rows,
+        "runs": dict(ctx.runs), "goals": goals, "runtime_seconds": runtime, "train_seconds": train_seconds,
+        "markdown": markdown,
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
