@@ -348,3 +348,63 @@ def check_encoder_task(task: str, term_weights: Mapping[str, float]) -> dict[str
     elif "embedding" not in active:
         raise ValueError("distillation_task='sentence-embedding' needs the embedding term: set --embedding_weight above 0")
     return active
+
+
+class EmbeddingTerm(nn.Module):
+    """What a trainer needs for ``distillation_task="sentence-embedding"``, in one module.
+
+    ``forward`` gives ``{"embedding": sum_b embedding_loss(P(e_s,b), e_t,b)}`` (unweighted; the trainer adds
+    ``weight * sum / examples``) and, with ``collect=True``, keeps the batch's embeddings for :meth:`pop_metrics`.
+    The projection ``P`` is a submodule (``.to()`` and ``.parameters()`` reach it); :meth:`save` writes the
+    student's sentence-transformers files and the projection, :meth:`load` restores the projection.
+    """
+
+    def __init__(self, pooling: PoolingSettings, student_width: int, teacher_width: int, loss: str = "cosine",
+                 weight: float = 1.0) -> None:
+        super().__init__()
+        if loss not in ("mse", "cosine") or not weight > 0:
+            raise ValueError(f"--embedding_loss must be mse or cosine and --embedding_weight > 0, got {loss!r}, {weight}")
+        self.pooling, self.loss, self.weight = pooling, loss, float(weight)
+        self.student_width, self.teacher_width = int(student_width), int(teacher_width)
+        self.projection = EmbeddingProjection.if_needed(student_width, teacher_width)
+        self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, student_outputs: Any, teacher_outputs: Any, student_mask: Optional[torch.Tensor],
+                teacher_mask: Optional[torch.Tensor], collect: bool = False) -> dict[str, torch.Tensor]:
+        student = sentence_embedding(student_outputs, student_mask, self.pooling)
+        with torch.no_grad():
+            teacher = sentence_embedding(teacher_outputs, teacher_mask, self.pooling)
+        projected = student if self.projection is None else self.projection(student)
+        if collect:
+            self._collected.append(tuple(x.detach().float().cpu() for x in (student, projected, teacher)))
+        return {"embedding": embedding_loss(projected, teacher, self.loss, self.pooling.normalize).sum()}
+
+    def pop_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """``{prefix}_mean_cosine`` (of the projected student when widths differ) and
+        ``{prefix}_similarity_spearman`` (of the student's own embeddings) over what was collected; then clears."""
+        if not self._collected:
+            return {}
+        student, projected, teacher = (torch.cat(parts) for parts in zip(*self._collected))
+        self._collected.clear()
+        if len(teacher) < 3:
+            return {}
+        metrics = embedding_metrics(student, teacher)
+        metrics["mean_cosine"] = embedding_metrics(projected, teacher)["mean_cosine"]
+        return {f"{prefix}_{name}": value for name, value in sorted(metrics.items())}
+
+    def describe(self) -> dict[str, Any]:
+        """The term's recipe, for ``distillation/recipe.json``."""
+        return {"pooling": self.pooling.to_dict(), "loss": self.loss, "weight": self.weight,
+                "projection": None if self.projection is None else [self.student_width, self.teacher_width]}
+
+    def save(self, output_dir: str | Path, max_seq_length: Optional[int] = None) -> None:
+        """The student's sentence-transformers files in ``output_dir``; the projection in ``distillation/``."""
+        write_sentence_transformers_files(output_dir, self.pooling, self.student_width, max_seq_length)
+        if self.projection is not None:
+            self.projection.save(Path(output_dir) / "distillation" / PROJECTION_FILE)
+
+    def load(self, checkpoint: str | Path, device: str | torch.device = "cpu") -> None:
+        """Restore the projection a checkpoint's ``distillation/`` holds (nothing to do without one)."""
+        path = Path(checkpoint) / "distillation" / PROJECTION_FILE
+        if self.projection is not None and path.is_file():
+            self.projection.load_state_dict(EmbeddingProjection.load(path, device).state_dict())

@@ -15,6 +15,7 @@ from hf_distill.data import synthetic_tokenizer
 from hf_distill.losses.embeddings import embedding_loss
 from hf_distill.sentence_embeddings import (
     EmbeddingProjection,
+    EmbeddingTerm,
     PoolingSettings,
     check_encoder_task,
     embed,
@@ -279,3 +280,34 @@ def test_minilm_three_layer_student_moves_toward_the_teacher():
           f"{time.time() - start:.1f} s")
     assert after["mean_cosine"] > before["mean_cosine"] + 0.05
     assert after["similarity_spearman"] > before["similarity_spearman"]
+
+
+def test_embedding_term_sums_collects_saves_and_restores(tmp_path):
+    student, tokenizer = _tiny_bert(hidden=32, seed=1)
+    teacher, _ = _tiny_bert(hidden=48, seed=2)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"]
+    term = EmbeddingTerm(PoolingSettings("mean", False), student_width=32, teacher_width=48, loss="cosine")
+    assert isinstance(term.projection, EmbeddingProjection) and len(list(term.parameters())) == 2
+    with torch.no_grad():
+        s_out, t_out = student(**batch), teacher(**batch)
+        sums = term(s_out, t_out, mask, mask, collect=True)
+        term(s_out, t_out, mask, mask, collect=True)  # a second batch: the same 4 sentences
+    s = term.projection(_masked_mean(s_out.last_hidden_state, mask))
+    t = _masked_mean(t_out.last_hidden_state, mask)
+    expected = (1 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))).sum()
+    assert set(sums) == {"embedding"} and torch.allclose(sums["embedding"], expected.detach(), atol=1e-6)
+    metrics = term.pop_metrics("eval")
+    assert set(metrics) == {"eval_mean_cosine", "eval_similarity_spearman"}
+    cos = ((s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))).detach()
+    assert metrics["eval_mean_cosine"] == pytest.approx(float(cos.mean()), abs=1e-6)
+    assert term.pop_metrics("eval") == {}  # cleared
+    term.save(tmp_path, max_seq_length=32)
+    assert read_pooling(tmp_path) == PoolingSettings("mean", False)
+    restored = EmbeddingTerm(PoolingSettings("mean", False), 32, 48)
+    assert not torch.equal(restored.projection.linear.weight, term.projection.linear.weight)
+    restored.load(tmp_path)
+    assert torch.equal(restored.projection.linear.weight, term.projection.linear.weight)
+    assert EmbeddingTerm(PoolingSettings(), 48, 48).projection is None
+    with pytest.raises(ValueError, match="--embedding_loss"):
+        EmbeddingTerm(PoolingSettings(), 48, 48, loss="kl")
