@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .losses.embeddings import POOLING_MODES, embedding_loss, pool
+from .tasks import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -408,3 +409,28 @@ class EmbeddingTerm(nn.Module):
         path = Path(checkpoint) / "distillation" / PROJECTION_FILE
         if self.projection is not None and path.is_file():
             self.projection.load_state_dict(EmbeddingProjection.load(path, device).state_dict())
+
+
+def _width(model: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.hidden_size)
+
+
+def build_embedding_term(task: str, args: Any, student: nn.Module, teacher: Optional[nn.Module],
+                         teacher_source: Optional[str]) -> Optional[EmbeddingTerm]:
+    """For the trainer's ``__init__``: None for tasks with logits; for the encoder tasks, check the active terms
+    (:func:`check_encoder_task`) and, for ``sentence-embedding``, build the :class:`EmbeddingTerm` from
+    ``args.embedding_{pooling,normalize,loss,weight}`` (the pooling read from ``teacher_source`` when not given)."""
+    if task not in ENCODER_TASKS:
+        return None
+    weight = float(getattr(args, "embedding_weight", 1.0)) if task == "sentence-embedding" else 0.0
+    check_encoder_task(task, {"hidden": args.hidden_weight, "attention": args.attention_weight,
+                              "relation": args.relation_weight, "embedding": weight})
+    if task == "feature-extraction":
+        return None
+    if teacher is None:
+        raise ValueError("distillation_task='sentence-embedding' needs a live teacher (`teacher_model`): its embeddings are not cached")
+    pooling = resolve_pooling(teacher_source, getattr(args, "embedding_pooling", None),
+                              getattr(args, "embedding_normalize", None))
+    return EmbeddingTerm(pooling, _width(unwrap_model(student)), _width(unwrap_model(teacher)),
+                         getattr(args, "embedding_loss", "cosine"), weight)

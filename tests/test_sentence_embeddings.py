@@ -17,6 +17,7 @@ from hf_distill.sentence_embeddings import (
     EmbeddingProjection,
     EmbeddingTerm,
     PoolingSettings,
+    build_embedding_term,
     check_encoder_task,
     embed,
     embedding_loss_sum,
@@ -311,3 +312,27 @@ def test_embedding_term_sums_collects_saves_and_restores(tmp_path):
     assert EmbeddingTerm(PoolingSettings(), 48, 48).projection is None
     with pytest.raises(ValueError, match="--embedding_loss"):
         EmbeddingTerm(PoolingSettings(), 48, 48, loss="kl")
+
+
+def test_build_embedding_term_for_the_trainer(tmp_path):
+    from types import SimpleNamespace
+
+    student, _ = _tiny_bert(hidden=32, seed=1)
+    teacher, _ = _tiny_bert(hidden=48, seed=2)
+    args = SimpleNamespace(hidden_weight=0.0, attention_weight=0.0, relation_weight=0.0, embedding_weight=2.0,
+                           embedding_loss="mse", embedding_pooling="cls", embedding_normalize=False)
+    assert build_embedding_term("sequence-classification", args, student, teacher, None) is None
+    term = build_embedding_term("sentence-embedding", args, student, teacher, None)
+    assert (term.pooling, term.loss, term.weight) == (PoolingSettings("cls", False), "mse", 2.0)
+    assert (term.projection.student_dim, term.projection.teacher_dim) == (32, 48)
+    with pytest.raises(ValueError, match="--hidden_weight, --attention_weight or --relation_weight"):
+        build_embedding_term("feature-extraction", args, student, teacher, None)
+    assert build_embedding_term("feature-extraction", SimpleNamespace(**{**vars(args), "hidden_weight": 1.0}),
+                                student, teacher, None) is None
+    with pytest.raises(ValueError, match="needs a live teacher"):
+        build_embedding_term("sentence-embedding", args, student, None, None)
+    no_pooling = SimpleNamespace(**{**vars(args), "embedding_pooling": None, "embedding_normalize": None})
+    with pytest.raises(ValueError, match="--embedding_pooling mean --embedding_normalize true"):
+        build_embedding_term("sentence-embedding", no_pooling, student, teacher, str(tmp_path))
+    write_sentence_transformers_files(tmp_path, PoolingSettings("max", True), 48)
+    assert build_embedding_term("sentence-embedding", no_pooling, student, teacher, str(tmp_path)).pooling == PoolingSettings("max", True)
