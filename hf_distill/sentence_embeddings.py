@@ -134,7 +134,8 @@ def resolve_pooling(source: str | Path | None, mode: Optional[str] = None,
         if normalize is not None:
             raise ValueError("--embedding_normalize needs --embedding_pooling (mean, cls or max) beside it")
         if source is None or not Path(source).is_dir():
-            raise ValueError(f"the teacher {source!r} is not a local folder to read the pooling from: {HOW_TO_GIVE_POOLING}")
+            raise ValueError(f"the teacher {source!r} is not a local folder to read the pooling from: "
+                             f"{HOW_TO_GIVE_POOLING}")
         return read_pooling(source)
     settings = PoolingSettings(mode, bool(normalize))
     if source is not None and Path(source).is_dir():
@@ -224,9 +225,12 @@ class EmbeddingProjection(nn.Module):
 def last_hidden_state(outputs: Any) -> torch.Tensor:
     """The ``[B, T, H]`` last hidden state of a transformers output (a base model's ``last_hidden_state``, else
     the last of ``hidden_states``)."""
-    hidden = outputs.get("last_hidden_state") if isinstance(outputs, Mapping) else getattr(outputs, "last_hidden_state", None)
+    def field(name: str) -> Any:
+        return outputs.get(name) if isinstance(outputs, Mapping) else getattr(outputs, name, None)
+
+    hidden = field("last_hidden_state")
     if hidden is None:
-        states = outputs.get("hidden_states") if isinstance(outputs, Mapping) else getattr(outputs, "hidden_states", None)
+        states = field("hidden_states")
         if not states:
             raise ValueError("the model output has no last_hidden_state: call the model with output_hidden_states=True")
         hidden = states[-1]
@@ -340,7 +344,8 @@ def check_encoder_task(task: str, term_weights: Mapping[str, float]) -> dict[str
         )
     if task == "feature-extraction":
         if "embedding" in active:
-            raise ValueError("the embedding term belongs to distillation_task='sentence-embedding', not 'feature-extraction'")
+            raise ValueError("the embedding term belongs to distillation_task='sentence-embedding', "
+                             "not 'feature-extraction'")
         if not set(active) & set(INTERMEDIATE_TERMS):
             raise ValueError(
                 "distillation_task='feature-extraction' distils intermediate terms only, and none is on: set "
@@ -429,7 +434,8 @@ def build_embedding_term(task: str, args: Any, student: nn.Module, teacher: Opti
     if task == "feature-extraction":
         return None
     if teacher is None:
-        raise ValueError("distillation_task='sentence-embedding' needs a live teacher (`teacher_model`): its embeddings are not cached")
+        raise ValueError("distillation_task='sentence-embedding' needs a live teacher (`teacher_model`): "
+                         "its embeddings are not cached")
     pooling = resolve_pooling(teacher_source, getattr(args, "embedding_pooling", None),
                               getattr(args, "embedding_normalize", None))
     return EmbeddingTerm(pooling, _width(unwrap_model(student)), _width(unwrap_model(teacher)),
