@@ -8,10 +8,11 @@ stands in for them). The loss is the one of :mod:`hf_distill.losses.logits` over
 
 with ``soft`` = :func:`~hf_distill.losses.logits.soft_label_loss` (or
 :func:`~hf_distill.losses.logits.topk_soft_label_loss`) and CE = :func:`~hf_distill.losses.logits.hard_label_loss`
-(rows with y = −100 give 0). It is computed block by block over rows: a block's logits are projected, the per-row
-losses are differentiated w.r.t. the block's raw logits g = ∂L/∂(h Wᵀ + b) by autograd over a few rows at a time,
-and g is folded at once into ∂L/∂h = g W, ∂L/∂W += gᵀ h and ∂L/∂b += Σ_rows g. Autograd keeps nothing of the
-vocabulary-wide intermediates; peak extra memory is the parameter gradients plus one block of logits.
+(rows with y = −100 give 0). It is computed block by block over rows: a block's logits are projected, the block's
+loss and its gradient g = ∂L/∂(h Wᵀ + b) w.r.t. the raw logits come from the trainer's own logit path
+(``fused_forward_kl_and_ce`` for forward KL, ``chunked_weighted_sums`` otherwise, by autograd through φ), and g is
+folded at once into ∂L/∂h = g W, ∂L/∂W += gᵀ h and ∂L/∂b += Σ_rows g. Autograd keeps nothing of the
+vocabulary-wide intermediates; peak extra memory is the parameter gradients plus a few blocks of logits.
 
 Post-processing φ, as each family's forward applies it after ``lm_head``: z · ``logit_scale`` (Cohere, Cohere2),
 z / ``logits_scaling`` (Granite family; HyperCLOVA X multiplies), then c · tanh(z / c) with c =
@@ -32,7 +33,14 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .logits import capped_chunk_rows, hard_label_loss, soft_label_loss, topk_soft_label_loss
+from .logits import (
+    capped_chunk_rows,
+    chunked_weighted_sums,
+    fused_forward_kl_and_ce,
+    hard_label_loss,
+    soft_label_loss,
+    topk_soft_label_loss,
+)
 
 Tensor = torch.Tensor
 
@@ -114,31 +122,36 @@ def _teacher_block(opts: _Options, teacher: tuple, rows: slice, vocab: int) -> t
     return (logits.float(),)
 
 
-def _block_logit_grads(opts: _Options, raw: Tensor, targets: tuple, labels: Optional[Tensor], w: Tensor,
-                       need_grad: bool) -> Tensor:
-    """[soft, hard] weighted sums of a block; with ``need_grad``, ``raw`` (the block's h Wᵀ + b) is overwritten
-    in place by g = ∂(c_soft · soft + c_hard · hard)/∂raw, computed by autograd a sub-block at a time."""
-    coeffs = torch.tensor(opts.coefficients, dtype=torch.float32, device=raw.device)
+def _block_loss(opts: _Options, z: Tensor, targets: tuple, labels: Optional[Tensor], w: Tensor) -> tuple[Tensor, Tensor]:
+    """(c_soft · S_soft + c_hard · S_hard, [S_soft, S_hard]) of a block's logits, by the trainer's logit path:
+    ``fused_forward_kl_and_ce`` for forward KL, else ``chunked_weighted_sums`` over the soft and hard row losses."""
+    if opts.soft["loss"] == "forward_kl":
+        return fused_forward_kl_and_ce(
+            z, targets, labels, w, opts.coefficients, temperature=opts.soft["temperature"],
+            scale_by_temperature_squared=opts.soft["scale_by_temperature_squared"], chunk_size=opts.sub_rows)
     soft_fn = topk_soft_label_loss if opts.topk else soft_label_loss
-    sums = torch.zeros(2, dtype=torch.float32, device=raw.device)
-    for start in range(0, raw.shape[0], opts.sub_rows):
-        sub = slice(start, start + opts.sub_rows)
-        ws = w[sub].float()
-        if not bool((ws != 0).any()):
-            raw[sub].zero_()
-            continue
-        with torch.set_grad_enabled(need_grad):
-            z_raw = raw[sub].detach().requires_grad_(need_grad)
-            z = opts.student_post.apply(z_raw)
-            soft = soft_fn(z, *(t[sub] for t in targets), **opts.soft)
-            hard = hard_label_loss(z, labels[sub]) if labels is not None else torch.zeros_like(soft)
-            part = (torch.stack([soft, hard]) * ws).sum(-1)
-            if need_grad:
-                (g,) = torch.autograd.grad((coeffs * part).sum(), z_raw)
-        if need_grad:
-            raw[sub].copy_(g)  # the sub-block's graph is freed: its storage now holds the gradient
-        sums += part.detach()
-    return sums
+    k = len(targets)
+
+    def row_losses(x: Tensor, *rest: Tensor) -> Tensor:
+        soft = soft_fn(x, *rest[:k], **opts.soft)
+        return torch.stack([soft, hard_label_loss(x, rest[k]) if labels is not None else torch.zeros_like(soft)])
+
+    extra = (labels,) if labels is not None else ()
+    return chunked_weighted_sums(row_losses, opts.coefficients, z, w, *targets, *extra, chunk_size=opts.sub_rows)
+
+
+def _block_logit_grads(opts: _Options, raw: Tensor, targets: tuple, labels: Optional[Tensor], w: Tensor,
+                       need_grad: bool) -> tuple[Optional[Tensor], Tensor]:
+    """(g, [S_soft, S_hard]) of a block, g = ∂(c_soft · S_soft + c_hard · S_hard)/∂raw for the block's raw logits
+    raw = h Wᵀ + b (None without ``need_grad``): autograd through φ_s and the logit path of :func:`_block_loss`,
+    whose vocabulary-wide intermediates live one sub-block at a time."""
+    with torch.set_grad_enabled(need_grad):
+        raw_leaf = raw.detach().requires_grad_(need_grad)
+        total, sums = _block_loss(opts, opts.student_post.apply(raw_leaf), targets, labels, w)
+        if not need_grad:
+            return None, sums
+        (g,) = torch.autograd.grad(total, raw_leaf)
+    return g, sums
 
 
 class _FusedLinearDistillation(torch.autograd.Function):
@@ -161,27 +174,33 @@ class _FusedLinearDistillation(torch.autograd.Function):
             raw = F.linear(h, weight, bias)
             targets = _teacher_block(opts, teacher, rows, vocab)
             y = None if labels is None else labels[rows]
-            sums += _block_logit_grads(opts, raw, targets, y, w, any(need))
+            g, block_sums = _block_logit_grads(opts, raw, targets, y, w, any(need))
+            del raw
+            sums += block_sums
             if grad_h is not None:
-                grad_h[rows] = raw @ weight  # ∂L/∂h = g W
+                grad_h[rows] = g @ weight  # ∂L/∂h = g W
             if grad_w is not None:
-                grad_w.addmm_(raw.t().float(), h.float())  # ∂L/∂W += gᵀ h (no copies in fp32)
+                grad_w.addmm_(g.t().float(), h.float())  # ∂L/∂W += gᵀ h (no copies in fp32)
             if grad_b is not None:
-                grad_b += raw.float().sum(0)
+                grad_b += g.float().sum(0)
         grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                  None if grad_b is None else grad_b.to(bias.dtype))
-        ctx.has = tuple(g is not None for g in grads)
-        ctx.save_for_backward(*(g for g in grads if g is not None))
+        # Kept on ctx rather than saved: once backward drops its reference, autograd can adopt the [V, H] weight
+        # gradient as .grad instead of copying it.
+        ctx.grads = grads
         ctx.mark_non_differentiable(sums)
         c_soft, c_hard = opts.coefficients
         return c_soft * sums[0] + c_hard * sums[1], sums
 
     @staticmethod
     def backward(ctx, grad_total, _grad_sums):  # type: ignore[override]
-        saved = iter(ctx.saved_tensors)
-        # Scaled in place (no second buffer); a second backward is refused by autograd's version counter.
-        grads = [next(saved).mul_(grad_total.to(torch.float32)) if has else None for has in ctx.has]
-        return (None, *grads, None, None, None)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("The fused-linear loss was backpropagated twice; its gradients are used once.")
+        # Scaled in place: no second buffer.
+        scaled = tuple(None if g is None else g.mul_(grad_total.to(torch.float32)) for g in grads)
+        del grads
+        return (None, *scaled, None, None, None)
 
 
 def _is_dtensor(x: Tensor) -> bool:
