@@ -44,9 +44,9 @@ from .logits import (
 
 Tensor = torch.Tensor
 
-#: Rows per projected block are capped so that a block holds at most this many logits (32 MiB in fp32); the
+#: Rows per projected block are capped so that a block holds at most this many logits (16 MiB in fp32); the
 #: autograd over a block runs on sub-blocks capped at ``logits.MAX_CHUNK_ELEMENTS`` (2²¹) logits.
-BLOCK_ELEMENTS = 1 << 23
+BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
