@@ -297,3 +297,21 @@ def test_bad_input_teacher_given_twice_or_not_at_all():
     with pytest.raises(ValueError, match="exactly one of the two"):
         fused_linear_distillation_loss(*args.values(), teacher_topk=topk, teacher_hidden=torch.randn(4, 12),
                                        teacher_weight=torch.randn(VOCAB, 12))
+
+
+def test_values_without_gradients_and_a_second_backward_is_refused():
+    torch.manual_seed(0)
+    weight, teacher = torch.randn(VOCAB, 8), dict(teacher_hidden=torch.randn(6, 12), teacher_weight=torch.randn(VOCAB, 12))
+    hidden, labels, weights = torch.randn(6, 8), torch.randint(0, VOCAB, (6,)), torch.rand(6)
+    options = dict(loss="reverse_kl", temperature=2.0)
+    with torch.no_grad():
+        total, sums = fused_linear_distillation_loss(hidden, weight, labels, weights, (0.5, 0.5), **teacher, **options)
+    z_s, z_t = hidden @ weight.T, teacher["teacher_hidden"] @ teacher["teacher_weight"].T
+    expected = torch.stack([(soft_label_loss(z_s, z_t, **options) * weights).sum(), (hard_label_loss(z_s, labels) * weights).sum()])
+    torch.testing.assert_close(sums, expected)
+    torch.testing.assert_close(total, expected.sum() * 0.5)
+    leaf = hidden.clone().requires_grad_(True)
+    total, _ = fused_linear_distillation_loss(leaf, weight, labels, weights, (0.5, 0.5), **teacher, **options)
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        total.backward()
