@@ -33,8 +33,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import logits as _logits
 from .logits import (
-    capped_chunk_rows,
     chunked_weighted_sums,
     fused_forward_kl_and_ce,
     hard_label_loss,
@@ -259,6 +259,20 @@ def _check_teacher(student_hidden: Tensor, student_weight: Tensor, teacher_hidde
     return (teacher_hidden, teacher_weight, teacher_bias)
 
 
+def _make_options(n: int, vocab: int, labels: Optional[Tensor], weights: Tensor, coefficients: Sequence[float],
+                  chunk_size: int, soft: dict, posts: tuple, topk: bool) -> _Options:
+    """Checked options: rows per block (``chunk_size`` capped at ``BLOCK_ELEMENTS`` logits) and per sub-block."""
+    if weights.shape != (n,) or (labels is not None and labels.shape != (n,)):
+        raise ValueError(f"weights and labels must be [N] = [{n}]; got {tuple(weights.shape)} and "
+                         f"{None if labels is None else tuple(labels.shape)}.")
+    if len(coefficients) != 2:
+        raise ValueError(f"coefficients must be (soft, hard); got {tuple(coefficients)}.")
+    block_rows = max(1, min(chunk_size if chunk_size > 0 else n, BLOCK_ELEMENTS // max(vocab, 1)))
+    sub_rows = max(1, min(block_rows, _logits.MAX_CHUNK_ELEMENTS // max(vocab, 1)))  # read now: tests shrink it
+    return _Options(coefficients=(float(coefficients[0]), float(coefficients[1])), soft=soft, student_post=posts[0],
+                    teacher_post=posts[1], block_rows=block_rows, sub_rows=sub_rows, topk=topk)
+
+
 def fused_linear_distillation_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -292,20 +306,11 @@ def fused_linear_distillation_loss(
     ``chunk_size`` rows and ``BLOCK_ELEMENTS`` logits (``chunk_size <= 0``: the cap only); the result does not
     depend on the blocking. Weights under FSDP2 (DTensor) must be gathered by the caller, once per step.
     """
-    n, vocab = student_hidden.shape[0], student_weight.shape[0]
+    n = student_hidden.shape[0]
     _check_inputs(student_hidden, student_weight, student_bias, "student", n)
     teacher = _check_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_bias, teacher_topk)
-    if weights.shape != (n,) or (labels is not None and labels.shape != (n,)):
-        raise ValueError(f"weights and labels must be [N] = [{n}]; got {tuple(weights.shape)} and "
-                         f"{None if labels is None else tuple(labels.shape)}.")
-    if len(coefficients) != 2:
-        raise ValueError(f"coefficients must be (soft, hard); got {tuple(coefficients)}.")
-    block_rows = max(1, min(chunk_size if chunk_size > 0 else n, BLOCK_ELEMENTS // max(vocab, 1)))
-    opts = _Options(
-        coefficients=(float(coefficients[0]), float(coefficients[1])),
-        soft=dict(loss=loss, temperature=float(temperature), scale_by_temperature_squared=bool(scale_by_temperature_squared),
-                  jsd_beta=float(jsd_beta), skew_lambda=float(skew_lambda)),
-        student_post=student_post, teacher_post=teacher_post,
-        block_rows=block_rows, sub_rows=capped_chunk_rows(block_rows, student_weight.t()), topk=teacher_topk is not None,
-    )
+    soft = dict(loss=loss, temperature=float(temperature), scale_by_temperature_squared=bool(scale_by_temperature_squared),
+                jsd_beta=float(jsd_beta), skew_lambda=float(skew_lambda))
+    opts = _make_options(n, student_weight.shape[0], labels, weights, coefficients, chunk_size, soft,
+                         (student_post, teacher_post), teacher_topk is not None)
     return _FusedLinearDistillation.apply(opts, student_hidden, student_weight, student_bias, labels, weights, teacher)
