@@ -1,4 +1,4 @@
-"""Smoke tests of scripts/bench_lm_memory.py's helpers, in-process at tiny sizes (the benchmark itself is not run)."""
+"""Smoke tests of benchmarks/bench_lm_memory.py's helpers, in-process at tiny sizes (the benchmark itself is not run)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_lm_memory.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lm_memory.py"
 
 
 @pytest.fixture(scope="module")

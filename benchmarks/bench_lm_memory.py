@@ -17,8 +17,8 @@ states and weights, are not counted; the weight gradient [V, H] is, in every var
 each repeat; medians over repeats. A naive step whose logits would exceed ``--naive_max_logits`` is measured at two
 smaller N and extrapolated linearly to N (its memory and time are affine in N); the table says so.
 
-    .venv/bin/python scripts/bench_lm_memory.py --trl_path /tmp/trl --repeats 3 1   # V = 32,000 and 128,256
-    .venv/bin/python scripts/bench_lm_memory.py --quick                              # tiny sizes, seconds
+    .venv/bin/python benchmarks/bench_lm_memory.py --trl_path /tmp/trl --repeats 3 1   # V = 32,000 and 128,256
+    .venv/bin/python benchmarks/bench_lm_memory.py --quick                              # tiny sizes, seconds
 
 Prints a markdown table and writes ``bench_results/lm_memory.json`` (``--output``).
 """
