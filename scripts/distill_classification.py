@@ -67,6 +67,7 @@ from hf_distill.classification import (  # noqa: E402
     tokenize_splits,
 )
 from hf_distill.data import explain_model_load_errors, resume_argument  # noqa: E402
+from hf_distill.vocabulary import trim_vocabulary  # noqa: E402
 from hf_distill.preflight import configured_loss_terms  # noqa: E402
 from hf_distill.safe_loading import from_pretrained_safely  # noqa: E402
 
@@ -133,6 +134,12 @@ class ScriptArguments:
         default=False,
         metadata={"help": "Run the teacher once over the training set and train from the cached logits "
                   "(offline distillation; logit terms only)."},
+    )
+    trim_vocabulary: bool = field(
+        default=False,
+        metadata={"help": "After distillation, keep only the student's vocabulary rows that the training texts use "
+                  "(plus special tokens), with its tokenizer rewritten to match (hf_distill.trim_vocabulary), before "
+                  "saving and export. Outputs on texts whose tokens are all kept are unchanged."},
     )
     export_onnx: bool = field(
         default=True,
@@ -441,9 +448,30 @@ def compare(trainer, models: Models, script: ScriptArguments, args: Distillation
     return results
 
 
+def trim_student(trainer, models: Models, script: ScriptArguments, splits, results: dict) -> dict:
+    """Trim the student's vocabulary to the training texts, save it over the distilled student, and add its row
+    (accuracy with its own, trimmed tokenizer) to the results; returns what was kept."""
+    student, tokenizer, report = trim_vocabulary(
+        trainer.model, models.student_tokenizer, splits["train"]["text"], return_report=True,
+        held_out_texts=splits["validation"]["text"],
+    )
+    trainer.processing_class = models.student_tokenizer = tokenizer
+    trainer.save_model()
+    data = tokenize_splits(splits, tokenizer, script.max_length)
+    results["rows"].append(describe("student, vocabulary trimmed", student, models, data, script))
+    logger.info("Vocabulary trimmed: %d -> %d rows, %d -> %d parameters, [UNK] share on validation %.3f%%.",
+                report.original_size, report.kept_size, report.parameters_before, report.parameters_after,
+                100 * (report.held_out_unk_rate or 0.0))
+    return {"original_size": report.original_size, "kept_size": report.kept_size,
+            "parameters_before": report.parameters_before, "parameters_after": report.parameters_after,
+            "validation_unk_rate": report.held_out_unk_rate}
+
+
 def finish(trainer, models: Models, script: ScriptArguments, args: DistillationArguments, splits, results) -> None:
     """Save results.json and the card first, then export (a failed export leaves them in place) and write both
     again with the export's summary and report, then print the table."""
+    if script.trim_vocabulary:
+        results["trim_vocabulary"] = trim_student(trainer, models, script, splits, results)
     write_results(args, results)
     if script.model_card:
         trainer.create_model_card(dataset_name=script.dataset)

@@ -424,3 +424,25 @@ def test_causal_lm_script_refuses_an_encoder_teacher_and_classification_data(tmp
         dcl.main(_lm_argv(teacher_dir, data, tmp_path / "out"))
     with pytest.raises(ValueError, match=r"columns \['label', 'text'\].*--prompt_column"):
         dcl.main(_lm_argv(teacher, data_dir / "train.jsonl", tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------- --trim_vocabulary
+def test_trim_vocabulary_saves_a_smaller_student_with_the_same_outputs_on_training_text(tmp_path, teacher_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data = _write_dataset(tmp_path / "data", n_train=8)
+    full = dcls.main(_argv(teacher_dir, data, tmp_path / "full"))
+    trimmed = dcls.main(_argv(teacher_dir, data, tmp_path / "trimmed", "--trim_vocabulary", "true"))
+    kept = trimmed["trim_vocabulary"]["kept_size"]
+    assert kept < trimmed["trim_vocabulary"]["original_size"] == len(synthetic_tokenizer())
+    assert [r["model"] for r in trimmed["rows"]][-1] == "student, vocabulary trimmed"
+    assert "trim_vocabulary" not in full
+    models = {}
+    for name in ("full", "trimmed"):
+        models[name] = (AutoModelForSequenceClassification.from_pretrained(tmp_path / name).eval(),
+                        AutoTokenizer.from_pretrained(tmp_path / name))
+    assert models["trimmed"][0].config.vocab_size == len(models["trimmed"][1]) == kept
+    text = json.loads((data / "train.jsonl").read_text().splitlines()[0])["text"]
+    with torch.no_grad():
+        logits = {name: model(**tokenizer(text, return_tensors="pt")).logits for name, (model, tokenizer) in models.items()}
+    assert torch.allclose(logits["full"], logits["trimmed"], atol=1e-5)
