@@ -114,6 +114,17 @@ class DistillationArguments(TrainingArguments):
         metadata={"help": "Causal LM: when the teacher's output layer has extra (padding) rows beyond the student's "
                   "vocabulary, drop them from its logits. Off: differing sizes are an error."},
     )
+    cross_tokenizer_loss: str = field(
+        default="hybrid",
+        metadata={"help": "Causal LM with a teacher tokenizer of another vocabulary (cross-tokenizer mode): hybrid "
+                  "(forward KL over the shared vocabulary plus an 'other' bin for groups of one shared token per "
+                  "side, ULD for the other aligned groups) or uld (ULD for every group)."},
+    )
+    max_unaligned_share: float = field(
+        default=0.1,
+        metadata={"help": "Cross-tokenizer mode: refuse a batch whose share of completion tokens that cannot be "
+                  "aligned between the two tokenizers exceeds this, in [0, 1] (any share above 0 is warned)."},
+    )
     # --- schedules -----------------------------------------------------------------------------
     temperature_schedule: str = field(
         default="constant",
@@ -278,6 +289,9 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"`distillation_task` must be one of {TASKS}, got {self.distillation_task!r}.")
         if self.loss_chunk_size < 0:
             raise ValueError("`loss_chunk_size` must be >= 0 (0 turns chunking off).")
+        if self.cross_tokenizer_loss not in ("hybrid", "uld"):
+            raise ValueError(f"`cross_tokenizer_loss` must be 'hybrid' or 'uld', got {self.cross_tokenizer_loss!r}.")
+        _unit_interval("max_unaligned_share", self.max_unaligned_share)
         # --- production
         if self.preflight_eval_batches < 0:
             raise ValueError(f"`preflight_eval_batches` must be >= 0, got {self.preflight_eval_batches}.")

@@ -148,19 +148,28 @@ def _tokenizer_difference(teacher_tokenizer: Any, student_tokenizer: Any) -> Opt
     return f"the tokenizers differ ({len(t_vocab)} vs {len(s_vocab)} entries; e.g. {differing})"
 
 
+SAME_TOKENIZER, CROSS_TOKENIZER = "same-tokenizer", "cross-tokenizer"
+
+
 def check_vocabularies(
     teacher: Optional[nn.Module], student: nn.Module, teacher_tokenizer: Any = None, student_tokenizer: Any = None,
-    *, separate_teacher_inputs: bool = False, allow_larger_teacher: bool = False,
-) -> None:
-    """Teacher and student must read the same token ids: compare the tokenizers entry by entry when both are
-    given, else the input-embedding sizes. Skipped when the batches carry the teacher's own ``teacher_input_ids``
-    (``separate_teacher_inputs``); ``allow_larger_teacher`` accepts a teacher padded with extra rows
-    (``truncate_teacher_vocab``). Raises ValueError naming the fix."""
-    if separate_teacher_inputs:
-        return
+    *, separate_teacher_inputs: bool = False, allow_larger_teacher: bool = False, task: Optional[str] = None,
+) -> str:
+    """Choose and log the mode: ``"cross-tokenizer"`` for a causal-LM ``task`` whose two tokenizers (both given)
+    differ in vocabulary, else ``"same-tokenizer"``, where teacher and student must read the same token ids:
+    the tokenizers are compared entry by entry when both are given, else the input-embedding sizes. Skipped
+    when the batches carry the teacher's own ``teacher_input_ids`` (``separate_teacher_inputs``);
+    ``allow_larger_teacher`` accepts a teacher padded with extra rows (``truncate_teacher_vocab``). Raises
+    ValueError naming the fix."""
     problem = None
     if teacher_tokenizer is not None and student_tokenizer is not None and teacher_tokenizer is not student_tokenizer:
         problem = _tokenizer_difference(teacher_tokenizer, student_tokenizer)
+    if problem is not None and task == "causal-lm":
+        logger.info("Teacher and student tokenizers differ (%s): cross-tokenizer mode (each side reads its own "
+                    "tokens; the loss compares character-aligned groups).", problem)
+        return CROSS_TOKENIZER
+    if separate_teacher_inputs:
+        return SAME_TOKENIZER
     if problem is None and teacher is not None:
         t_rows, s_rows = _embedding_rows(teacher), _embedding_rows(student)
         padded = allow_larger_teacher and t_rows is not None and s_rows is not None and t_rows > s_rows
@@ -169,12 +178,16 @@ def check_vocabularies(
             if t_rows > s_rows:
                 problem += "; if the teacher's extra rows only pad the same vocabulary, pass --truncate_teacher_vocab"
     if problem is not None:
+        across = " (distillation across tokenizers is only for causal-lm)" if task not in (None, "causal-lm") else ""
         raise ValueError(
             f"Teacher and student vocabularies differ: {problem}. Distillation compares outputs on the same token ids, "
-            "so both sides need the same tokenizer: give the student the teacher's tokenizer (create_student(teacher), "
+            f"so both sides need the same tokenizer{across}: give the student the teacher's tokenizer (create_student(teacher), "
             "or a --student folder with the teacher's vocabulary), or give the teacher its own ids as "
-            "`teacher_input_ids` columns."
+            "`teacher_input_ids` columns. For a causal LM, pass the teacher's tokenizer as `teacher_processing_class` "
+            "(--teacher_tokenizer) for cross-tokenizer mode."
         )
+    logger.info("Teacher and student read the same token ids: same-tokenizer mode.")
+    return SAME_TOKENIZER
 
 
 def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
@@ -183,10 +196,14 @@ def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None
 
 
 def check_teacher_student_compatible(
-    teacher: nn.Module, student: nn.Module, task: str, truncate_teacher_vocab: bool = False
+    teacher: nn.Module, student: nn.Module, task: str, truncate_teacher_vocab: bool = False,
+    cross_tokenizer: bool = False,
 ) -> None:
-    """Refuse pairs whose outputs cannot be compared: label counts or maps, or vocabulary sizes."""
+    """Refuse pairs whose outputs cannot be compared: label counts or maps, or vocabulary sizes (not compared in
+    cross-tokenizer mode, where each side has its own vocabulary)."""
     t_config, s_config = unwrap_model(teacher).config, unwrap_model(student).config
+    if task == "causal-lm" and cross_tokenizer:
+        return
     if task == "causal-lm":
         t_vocab = unwrap_model(teacher).get_output_embeddings().weight.shape[0]
         s_vocab = unwrap_model(student).get_output_embeddings().weight.shape[0]
@@ -248,14 +265,16 @@ def compile_teacher(teacher: nn.Module, args: Any) -> nn.Module:
     return torch.compile(teacher, backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
 
 
-def prepare_teacher(teacher: nn.Module, student: nn.Module, task: str, accelerator: Any, args: Any) -> tuple[nn.Module, dict]:
-    """(teacher ready for the run, its summary): frozen, checked against the student, in eval mode and
-    ``teacher_dtype``, placed (replicated or sharded, see distributed.py) and compiled if asked. The summary
-    is taken before sharding, since a shard's weights are not the teacher's."""
+def prepare_teacher(teacher: nn.Module, student: nn.Module, task: str, accelerator: Any, args: Any,
+                    cross_tokenizer: bool = False) -> tuple[nn.Module, dict]:
+    """(teacher ready for the run, its summary): frozen, checked against the student (its own vocabulary in
+    ``cross_tokenizer`` mode), in eval mode and ``teacher_dtype``, placed (replicated or sharded, see
+    distributed.py) and compiled if asked. The summary is taken before sharding, since a shard's weights are
+    not the teacher's."""
     from .distributed import place_teacher
 
     freeze_teacher(teacher, student, args.freeze_teacher)
-    check_teacher_student_compatible(teacher, student, task, args.truncate_teacher_vocab)
+    check_teacher_student_compatible(teacher, student, task, args.truncate_teacher_vocab, cross_tokenizer)
     teacher.eval()
     if args.teacher_dtype != "auto":
         teacher.to(TEACHER_DTYPES[args.teacher_dtype])

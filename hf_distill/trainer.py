@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, Trainer
 from .arguments import DistillationArguments
 from .lm.generation import draw_on_policy, generate_on_policy_batch
 from .collator import TeacherColumnsCollator
+from .cross_tokenizer import ALIGNMENT_COLUMNS, CrossTokenizerLoss
 from .faults import FaultToleranceMixin
 from .intermediate import build_intermediate_terms
 from .losses.logits import (
@@ -61,7 +62,7 @@ from .term_log import TermLog
 logger = logging.getLogger(__name__)
 
 # Columns that describe a batch but are not model inputs (causal-LM prompts and generation bookkeeping).
-NON_MODEL_KEYS = ("prompt_length", "completion_finished", "prompt_input_ids", "prompt_attention_mask")
+NON_MODEL_KEYS = ("prompt_length", "completion_finished", "prompt_input_ids", "prompt_attention_mask", *ALIGNMENT_COLUMNS)
 STEP_RECORD_KEY = "__distillation_step__"
 
 
@@ -85,7 +86,8 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             :func:`hf_distill.cache_teacher_outputs`) or with ``args.self_distillation``.
         args: :class:`DistillationArguments`.
         teacher_processing_class: the teacher's tokenizer, when it is a separate object (compared entry by entry
-            with the student's; used to pad ``teacher_``-prefixed inputs).
+            with the student's; used to pad ``teacher_``-prefixed inputs); causal LM: another vocabulary turns on
+            cross-tokenizer mode (``cross_tokenizer.py``, data from ``lm.cross_tokenizer_data.tokenize_aligned``).
         peft_config: a PEFT config (e.g. ``LoraConfig``): the student is wrapped with ``get_peft_model`` so that
             only its adapters train; saving writes the adapter. The teacher stays the full model.
         Every other argument is passed to `transformers.Trainer`.
@@ -118,7 +120,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self.cache = CachedTeacherColumns(args, self.train_dataset, self.eval_dataset)
         self._check_data_and_vocabularies(teachers, teacher_processing_class)
-        placed = [prepare_teacher(t, self.model, self.task, self.accelerator, args) for t in teachers]
+        placed = [prepare_teacher(t, self.model, self.task, self.accelerator, args, self.cross is not None) for t in teachers]
         self.teachers = [teacher for teacher, _ in placed]
         self._teacher_summaries = [summary for _, summary in placed]  # taken before sharding
         self.teacher = self.teachers[args.intermediate_teacher] if self.teachers else None
@@ -137,11 +139,12 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             if dataset is not None and hasattr(dataset, "__len__") and not isinstance(dataset, dict) and len(dataset) == 0:
                 raise ValueError(f"`{name}` is empty: there is nothing to distil on. Check the data loading and filters.")
         separate = any(c.startswith("teacher_input_ids") for c in self.cache.dataset_columns)
-        for teacher in teachers:
-            check_vocabularies(teacher, self.model, teacher_processing_class, self.processing_class,
-                               separate_teacher_inputs=separate, allow_larger_teacher=self.args.truncate_teacher_vocab)
+        modes = {check_vocabularies(teacher, self.model, teacher_processing_class, self.processing_class,
+                                    separate_teacher_inputs=separate, allow_larger_teacher=self.args.truncate_teacher_vocab,
+                                    task=self.task) for teacher in teachers}
         if not teachers:
-            check_vocabularies(None, self.model, teacher_processing_class, self.processing_class)
+            modes.add(check_vocabularies(None, self.model, teacher_processing_class, self.processing_class, task=self.task))
+        self.cross = CrossTokenizerLoss.for_trainer(self, teachers, modes, teacher_processing_class)  # or None
 
     def _finish_setup(self, teacher_processing_class: Any) -> None:
         args = self.args
@@ -151,7 +154,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             from .self_distillation import EMATeacherCallback
 
             self.add_callback(EMATeacherCallback(self.teacher, self.model, args.ema_decay))
-        self.data_collator = TeacherColumnsCollator(
+        self.data_collator = self.cross.collator if self.cross is not None else TeacherColumnsCollator(
             self.data_collator, cached_columns=self.cache.columns,
             padding_side=getattr(self.processing_class, "padding_side", "right"),
             teacher_pad_token_id=getattr(teacher_processing_class, "pad_token_id", None) or 0,
@@ -267,17 +270,22 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         record: Optional[StepRecord] = inputs.pop(STEP_RECORD_KEY, None)
         if model.training and record is not None and record.on_policy:
             inputs, record = self.on_policy_inputs(model, inputs), None  # the generated batch counts its own items
+        alignment = self.cross.pop_alignment(inputs) if self.cross is not None else None
         student_inputs, teacher_inputs, cached = self.split_inputs(inputs)
         # The teacher first: its activations are freed before the student's (kept for backward) are made.
         teacher_outputs = self.live_teacher_outputs(teacher_inputs, cached)
         student_outputs = model(**student_inputs, **self._output_flags())
         student_logits = task_logits(student_outputs, self.task)
         temperature, alpha = self.current_temperature(), self.current_alpha()
-        targets = self.teacher_targets(teacher_outputs, cached, temperature, student_logits.shape[-1])
-        rows = [(logit_rows(self.task, student_logits, t, inputs), w) for t, w in targets]
-
         items, examples = self._normalisers(inputs, record, model.training)
-        loss_sum, term_sums = self.logit_terms(rows, alpha, temperature)  # alpha · KD + (1 − alpha) · CE
+        if alignment is not None:  # cross-tokenizer: alpha · Σ_groups L_g + (1 − alpha) · CE (cross_tokenizer.py)
+            targets = [((None,), 1.0)]
+            loss_sum, term_sums = self.cross.logit_terms(student_logits, teacher_outputs[0].logits, inputs, alignment,
+                                                         alpha, temperature, self.args.scale_by_temperature_squared)
+        else:
+            targets = self.teacher_targets(teacher_outputs, cached, temperature, student_logits.shape[-1])
+            rows = [(logit_rows(self.task, student_logits, t, inputs), w) for t, w in targets]
+            loss_sum, term_sums = self.logit_terms(rows, alpha, temperature)  # alpha · KD + (1 − alpha) · CE
         loss = loss_sum / items
         self.term_log.add(term_sums, items, model.training)
         if self.intermediate is not None:  # + Σ w_term · term, averaged over examples
@@ -319,7 +327,8 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         """(student inputs, teacher inputs, cached teacher outputs) from one batch; targets are left out."""
         cached_names = set(self.cache.columns)
         cached = {k: v for k, v in inputs.items() if k in cached_names}
-        prefixed = {k[len("teacher_"):]: v for k, v in inputs.items() if k.startswith("teacher_") and k not in cached_names}
+        prefixed = {k[len("teacher_"):]: v for k, v in inputs.items()
+                    if k.startswith("teacher_") and k not in cached_names and k not in NON_MODEL_KEYS}
         targets = set(TARGET_KEYS[self.task]) | {"label", "label_ids"} | set(NON_MODEL_KEYS)
         student_inputs = {k: v for k, v in inputs.items() if k not in targets and not k.startswith("teacher_")}
         return student_inputs, (prefixed or student_inputs), cached
@@ -345,6 +354,8 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         Cached outputs when the batch has them (and no teacher ran); else the live teachers: one target,
         their mixture (``multi_teacher_mode="average"``), or one per teacher (``"sum"``).
         """
+        if self.cross is not None:  # the preflight's teacher accuracy reads these against the student's labels
+            raise ValueError("teacher outputs are over the teacher's own tokens (cross-tokenizer mode)")
         if not teacher_outputs:
             return [(self.cache.targets(cached, temperature), 1.0)]
         logits = [task_logits(out, self.task)[..., :student_width] for out in teacher_outputs]
@@ -416,7 +427,8 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         with torch.no_grad():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         student_logits = outputs["logits"]
-        for name, value in agreement_counts(logit_rows(self.task, student_logits, outputs["teacher_logits"], inputs)).items():
+        teacher = outputs["teacher_logits"]  # None in cross-tokenizer mode: no token-by-token agreement
+        for name, value in agreement_counts(logit_rows(self.task, student_logits, teacher, inputs) if teacher is not None else []).items():
             self._eval_counts[name] = self._eval_counts.get(name, 0) + value
         if prediction_loss_only:
             return loss.detach(), None, None

@@ -1,0 +1,144 @@
+"""Cross-tokenizer mode of `DistillationTrainer`: a causal-LM teacher whose tokenizer differs from the student's.
+
+The batches come from :func:`hf_distill.lm.cross_tokenizer_data.tokenize_aligned` (each side's own tokens,
+and the character-aligned groups). The logit terms become, per micro-batch (unnormalised sums; the trainer
+divides by the student's completion tokens of the whole optimizer step, as in the same-tokenizer path)::
+
+    alpha · Σ_groups L_g  +  (1 − alpha) · Σ_student completion tokens CE
+
+with L_g of :func:`hf_distill.losses.cross_tokenizer.cross_tokenizer_group_losses` (``cross_tokenizer_loss``:
+hybrid or uld). The T² factor of the KL groups follows ``scale_by_temperature_squared``; so with identical
+tokenizers (one group per completion token, every pair shared) the loss equals the same-tokenizer forward KL +
+CE. Features that read the teacher on the student's token ids are refused (:func:`refuse_incompatible`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .lm.alignment import IGNORE_INDEX, NO_GROUP, check_unaligned_share, require_fast_tokenizer, tokenizer_scheme
+from .lm.cross_tokenizer_data import ALIGNMENT_COLUMNS, CrossTokenizerCollator
+from .losses.cross_tokenizer import VocabMapping, build_vocab_mapping, cross_tokenizer_group_losses, flatten_group_ids
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ALIGNMENT_COLUMNS", "CrossTokenizerLoss", "refuse_incompatible", "wants_cross_tokenizer"]
+
+
+def wants_cross_tokenizer(mode: str, dataset_columns: Any) -> bool:
+    """On when the vocabulary check chose cross-tokenizer mode, or the data is already aligned (then it runs
+    even with identical tokenizers, where it gives the same-tokenizer loss)."""
+    return mode == "cross-tokenizer" or all(c in set(dataset_columns or ()) for c in ALIGNMENT_COLUMNS)
+
+
+def refuse_incompatible(args: Any, task: str, teachers: list, cache_present: bool, intermediate: Any) -> None:
+    """Raise a ValueError naming the flag for features that cannot work across vocabularies."""
+    problems = []
+    if task != "causal-lm":
+        problems.append(f"the task is {task} (cross-tokenizer distillation is for causal-lm only)")
+    if cache_present:
+        problems.append("the data carries cached teacher logits / top-k columns, which index the teacher's vocabulary "
+                        "(drop them, and let the teacher run live)")
+    if args.truncate_teacher_vocab:
+        problems.append("--truncate_teacher_vocab assumes one vocabulary padded on the teacher's side (turn it off)")
+    if intermediate is not None:
+        problems.append("hidden/attention/relation terms compare positions of one tokenization "
+                        "(set --hidden_weight, --attention_weight and --relation_weight to 0)")
+    if len(teachers) > 1 or args.self_distillation != "none":
+        problems.append("several teachers and self-distillation are not supported (give one teacher)")
+    if args.lmbda > 0:
+        problems.append("on-policy batches (--lmbda > 0) are not re-tokenized for the teacher yet (set --lmbda 0)")
+    if args.distillation_loss != "forward_kl":
+        problems.append(f"--distillation_loss {args.distillation_loss}: the shared-vocabulary groups use forward KL "
+                        "(set --distillation_loss forward_kl, and choose --cross_tokenizer_loss hybrid or uld)")
+    if problems:
+        raise ValueError("Cross-tokenizer mode (the teacher has its own tokenizer) cannot run: " + "; ".join(problems) + ".")
+
+
+def _shift_left(x: torch.Tensor, fill: Any) -> torch.Tensor:
+    """x[:, t] <- x[:, t + 1]: the logits at position t predict token t + 1."""
+    return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)
+
+
+@dataclass
+class CrossTokenizerLoss:
+    """The vocabulary mapping (built once) and the settings of the cross-tokenizer logit terms."""
+
+    mapping: VocabMapping
+    mode: str
+    max_unaligned_share: float
+    collator: CrossTokenizerCollator
+
+    @classmethod
+    def build(cls, student_tokenizer: Any, teacher_tokenizer: Any, args: Any) -> "CrossTokenizerLoss":
+        """Check both tokenizers are fast and pair their vocabularies."""
+        if student_tokenizer is None or teacher_tokenizer is None:
+            raise ValueError("Cross-tokenizer mode needs both tokenizers: pass the student's as `processing_class` and "
+                             "the teacher's as `teacher_processing_class`.")
+        require_fast_tokenizer(student_tokenizer, "student")
+        require_fast_tokenizer(teacher_tokenizer, "teacher")
+        mapping = build_vocab_mapping(
+            student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab(), tokenizer_scheme(student_tokenizer),
+            tokenizer_scheme(teacher_tokenizer), student_tokenizer.all_special_tokens, teacher_tokenizer.all_special_tokens,
+        )
+        pads = [t.pad_token_id if t.pad_token_id is not None else (t.eos_token_id or 0)
+                for t in (student_tokenizer, teacher_tokenizer)]
+        logger.info("Cross-tokenizer mode: %d vocabulary entries shared (student %d, teacher %d); loss %s.",
+                    len(mapping), len(student_tokenizer), len(teacher_tokenizer), args.cross_tokenizer_loss)
+        return cls(mapping, args.cross_tokenizer_loss, args.max_unaligned_share, CrossTokenizerCollator(*pads))
+
+    @classmethod
+    def for_trainer(cls, trainer: Any, teachers: list, modes: set, teacher_tokenizer: Any) -> "CrossTokenizerLoss | None":
+        """The trainer's cross-tokenizer loss when the mode is on (``modes`` from ``check_vocabularies``, or
+        aligned data), after refusing what cannot work across vocabularies; None in same-tokenizer mode."""
+        if not wants_cross_tokenizer("cross-tokenizer" if "cross-tokenizer" in modes else "same-tokenizer",
+                                     trainer.cache.dataset_columns):
+            return None
+        refuse_incompatible(trainer.args, trainer.task, teachers, trainer.cache.present, trainer.intermediate)
+        columns = set(trainer.cache.dataset_columns)
+        if columns and not columns.issuperset(ALIGNMENT_COLUMNS):
+            raise ValueError(
+                "The teacher has its own tokenizer (cross-tokenizer mode), but the datasets lack the aligned columns "
+                f"{list(ALIGNMENT_COLUMNS)}: tokenize the prompt/completion rows with hf_distill.lm.cross_tokenizer_data."
+                "tokenize_aligned(dataset, student_tokenizer, teacher_tokenizer, max_length=...).")
+        student_tokenizer = trainer.processing_class
+        return cls.build(student_tokenizer, teacher_tokenizer or student_tokenizer, trainer.args)
+
+    def pop_alignment(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Take the alignment columns out of a batch (they are no model's inputs); check the unaligned share."""
+        alignment = {name: inputs.pop(name) for name in ALIGNMENT_COLUMNS if name in inputs}
+        if len(alignment) != len(ALIGNMENT_COLUMNS):
+            self.collator([{}])  # raises the error naming tokenize_aligned
+        share = check_unaligned_share(alignment, self.max_unaligned_share)
+        if share > 0:
+            logger.warning("%.1f%% of this batch's completion tokens could not be aligned between the tokenizers; "
+                           "they get only the CE term.", 100 * share)
+        return alignment
+
+    def logit_terms(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, inputs: dict[str, Any],
+                    alignment: dict[str, torch.Tensor], alpha: float, temperature: float,
+                    scale_by_temperature_squared: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(alpha · Σ_g L_g + (1 − alpha) · Σ CE, {"kd": Σ_g L_g, "ce": Σ CE}), unnormalised (module docstring)."""
+        s_groups = _shift_left(alignment["student_group_ids"], NO_GROUP)
+        t_groups = _shift_left(alignment["teacher_group_ids"], NO_GROUP)
+        per_example = int(torch.maximum(s_groups.max(), t_groups.max()).clamp_min(0)) + 1 if s_groups.numel() else 1
+        rows = cross_tokenizer_group_losses(
+            student_logits.reshape(-1, student_logits.shape[-1]), teacher_logits.reshape(-1, teacher_logits.shape[-1]),
+            _shift_left(inputs["input_ids"], 0).reshape(-1), _shift_left(inputs["teacher_input_ids"], 0).reshape(-1),
+            flatten_group_ids(s_groups, per_example).reshape(-1), flatten_group_ids(t_groups, per_example).reshape(-1),
+            per_example * s_groups.shape[0], self.mapping, temperature=temperature, mode=self.mode,
+        )
+        group_losses = rows.loss
+        if not scale_by_temperature_squared:  # the KL groups carry T²; ULD groups have no temperature factor
+            group_losses = torch.where(rows.uses_kl, group_losses / temperature**2, group_losses)
+        kd = group_losses.sum()
+        labels = _shift_left(inputs["labels"], IGNORE_INDEX).reshape(-1)
+        ce = F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), labels,
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+        weighted = alpha * kd + (1.0 - alpha) * ce
+        return weighted, {"kd": kd.detach(), "ce": ce.detach()}

@@ -1,0 +1,244 @@
+"""Cross-tokenizer mode of DistillationTrainer (hf_distill.cross_tokenizer, hf_distill.lm.cross_tokenizer_data).
+
+Tokenizers are trained here with the `tokenizers` library on generated sentences (byte-level BPE, WordPiece);
+the end-to-end test uses the stories260K teacher and its SentencePiece tokenizer from ../shared/data.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+from conftest import shared_data_dir
+from tiny_models import distill_args, tiny_bert, tiny_gpt2
+
+from hf_distill import DistillationTrainer
+from hf_distill.lm.cross_tokenizer_data import tokenize_aligned
+from hf_distill.lm.data import CompletionCollator, tokenize_completions
+from hf_distill.teachers import check_vocabularies
+
+WORDS = ("the cat dog bird sun moon tree house river small big red blue green happy sad ran jumped saw found "
+         "little girl boy played with ball under over near far away day night Tom Lily said hello 3 12 2024").split()
+STORIES = shared_data_dir() / "models" / "stories260K"
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 10))]
+        out.append(" ".join(words).capitalize() + rng.choice([".", "!", " ?", ", ok."]))
+    return out
+
+
+def byte_bpe(vocab_size: int, corpus: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", pad_token="<pad>")
+
+
+def wordpiece(vocab_size: int, corpus: list[str], normalizer=None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    raw.decoder = decoders.WordPiece()
+    if normalizer is not None:
+        raw.normalizer = normalizer
+    raw.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                                              special_tokens=["[PAD]", "[UNK]", "[SEP]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", eos_token="[SEP]")
+
+
+def rows(n: int, seed: int = 0) -> list[dict]:
+    return [{"prompt": text.split(" ", 1)[0], "completion": " " + text.split(" ", 1)[1]} for text in sentences(n, seed)]
+
+
+@pytest.fixture(scope="module")
+def toks() -> dict:
+    corpus = sentences(300, seed=1)
+    return {"bpe": byte_bpe(260 + 40, corpus), "wp": wordpiece(120, corpus)}
+
+
+def _gpt2(tokenizer, seed: int, layers: int = 2):
+    return tiny_gpt2(layers=layers, vocab_size=len(tokenizer), seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+@pytest.mark.parametrize("alpha,temperature,scaled", [(0.3, 2.0, True), (1.0, 1.0, True), (0.6, 2.0, False)])
+def test_identical_tokenizers_give_exactly_the_same_tokenizer_loss_and_gradients(tmp_path, toks, alpha, temperature,
+                                                                                  scaled):
+    tok, data = toks["bpe"], rows(6, seed=2)
+    teacher = _gpt2(tok, seed=7, layers=3)
+    args = dict(alpha=alpha, temperature=temperature, scale_by_temperature_squared=scaled, preflight=False)
+    same_data = tokenize_completions(data, tok, max_length=40)
+    same = DistillationTrainer(_gpt2(tok, 1), teacher, distill_args(tmp_path / "same", **args), train_dataset=same_data,
+                               processing_class=tok, data_collator=CompletionCollator(tok))
+    cross_data = tokenize_aligned(data, tok, tok, max_length=40)
+    cross = DistillationTrainer(_gpt2(tok, 1), teacher, distill_args(tmp_path / "cross", **args), train_dataset=cross_data,
+                                processing_class=tok, teacher_processing_class=tok)
+    assert same.cross is None and cross.cross is not None
+    b_same = same.data_collator([same_data[i] for i in range(6)])
+    b_cross = cross.data_collator([cross_data[i] for i in range(6)])
+    assert torch.equal(b_same["input_ids"], b_cross["input_ids"]) and torch.equal(b_same["labels"], b_cross["labels"])
+    losses, grads = [], []
+    for trainer, batch in ((same, b_same), (cross, b_cross)):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.reshape(-1) for p in trainer.model.parameters()]))
+    assert losses[0] > 5e-3
+    # float32 round-off only: KL sums vocabulary terms ~ the entropy (about 5.7 nats) that cancel to ~0.01
+    assert abs(losses[1] - losses[0]) <= 1e-6 and abs(losses[1] - losses[0]) <= 1e-4 * losses[0]
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_the_vocabulary_check_says_which_mode_it_chose(toks, caplog):
+    student = _gpt2(toks["bpe"], 1)
+    with caplog.at_level(logging.INFO, logger="hf_distill.teachers"):
+        mode = check_vocabularies(_gpt2(toks["wp"], 2), student, toks["wp"], toks["bpe"], task="causal-lm")
+    assert mode == "cross-tokenizer" and "cross-tokenizer mode" in caplog.text
+    assert check_vocabularies(_gpt2(toks["bpe"], 2), student, toks["bpe"], toks["bpe"], task="causal-lm") == "same-tokenizer"
+
+
+# ------------------------------------------------------------------------------------------------ accumulation
+def _one_step(tmp_path, name, toks, data, **args):
+    trainer = DistillationTrainer(
+        _gpt2(toks["bpe"], 1), _gpt2(toks["wp"], 2, layers=3),
+        distill_args(tmp_path / name, max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+                     lr_scheduler_type="constant", alpha=0.5, temperature=2.0, **args),
+        train_dataset=data, processing_class=toks["bpe"], teacher_processing_class=toks["wp"],
+    )
+    assert trainer.cross is not None
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, trainer.state.log_history[0]["loss"]
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "uld"])
+def test_gradient_accumulation_equals_the_full_batch_across_tokenizers(tmp_path, toks, mode):
+    data = tokenize_aligned(rows(4, seed=3), toks["bpe"], toks["wp"], max_length=40)
+    lengths = [sum(1 for x in r["labels"] if x != -100) for r in data]
+    assert len(set(lengths[:2])) > 1 or sum(lengths[:2]) != sum(lengths[2:])  # micro-batches hold unequal token counts
+    full, full_loss = _one_step(tmp_path, "full", toks, data, per_device_train_batch_size=4, cross_tokenizer_loss=mode)
+    acc, acc_loss = _one_step(tmp_path, "ga", toks, data, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                              cross_tokenizer_loss=mode)
+    start = _gpt2(toks["bpe"], 1).state_dict()
+    assert max((full[k] - start[k]).abs().max().item() for k in full) > 1e-3
+    for key in full:
+        torch.testing.assert_close(acc[key], full[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert acc_loss == pytest.approx(full_loss, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _trainer(tmp_path, toks, data, teacher_tok=None, **args):
+    teacher_tok = teacher_tok or toks["wp"]
+    return DistillationTrainer(_gpt2(toks["bpe"], 1), _gpt2(teacher_tok, 2), distill_args(tmp_path, preflight=False, **args),
+                               train_dataset=data, processing_class=toks["bpe"], teacher_processing_class=teacher_tok)
+
+
+@pytest.mark.parametrize("setting,match", [
+    ({"truncate_teacher_vocab": True}, "truncate_teacher_vocab"),
+    ({"hidden_weight": 1.0}, "hidden_weight"),
+    ({"lmbda": 0.5}, "lmbda"),
+    ({"distillation_loss": "reverse_kl"}, "distillation_loss forward_kl"),
+])
+def test_features_that_cannot_cross_vocabularies_are_refused(tmp_path, toks, setting, match):
+    data = tokenize_aligned(rows(4), toks["bpe"], toks["wp"], max_length=40)
+    with pytest.raises(ValueError, match=f"Cross-tokenizer mode.*{match}"):
+        _trainer(tmp_path, toks, data, **setting)
+
+
+def test_cached_teacher_columns_and_unaligned_data_are_refused(tmp_path, toks):
+    data = tokenize_aligned(rows(4), toks["bpe"], toks["wp"], max_length=40)
+    cached = data.map(lambda r: {"teacher_logits": [[0.0] * len(toks["bpe"])] * len(r["input_ids"])})
+    with pytest.raises(ValueError, match="cached teacher logits"):
+        _trainer(tmp_path, toks, cached)
+    plain = tokenize_completions(rows(4), toks["bpe"], max_length=40)
+    with pytest.raises(ValueError, match="tokenize_aligned"):
+        _trainer(tmp_path, toks, plain)
+
+
+def test_a_slow_teacher_tokenizer_is_refused_naming_the_fast_one(tmp_path, toks):
+    if not (STORIES / "tok512.model").is_file():
+        pytest.skip("../shared/data is not staged")
+    from transformers import BertGenerationTokenizer
+
+    slow = BertGenerationTokenizer(vocab_file=str(STORIES / "tok512.model"))
+    data = tokenize_aligned(rows(4), toks["bpe"], toks["wp"], max_length=40)
+    with pytest.raises(ValueError, match="teacher tokenizer.*slow.*use_fast=True"):
+        _trainer(tmp_path, toks, data, teacher_tok=slow)
+
+
+def test_another_task_with_another_tokenizer_is_refused(tmp_path, toks):
+    with pytest.raises(ValueError, match="tokenizers differ.*only for causal-lm"):
+        check_vocabularies(tiny_bert(vocab_size=len(toks["wp"])), tiny_bert(vocab_size=len(toks["bpe"])), toks["wp"],
+                           toks["bpe"], task="sequence-classification")
+
+
+def test_unaligned_tokens_are_warned_per_batch_and_refused_past_the_limit(tmp_path, toks, caplog):
+    from tokenizers import Regex, normalizers
+
+    corpus = sentences(300, seed=1)
+    digits_dropped = wordpiece(120, corpus, normalizers.Replace(Regex("[0-9]"), ""))
+    data = tokenize_aligned([{"prompt": "Tom", "completion": " saw 2024 and 12 birds 3"},
+                             {"prompt": "Lily", "completion": " ran away"}], toks["bpe"], digits_dropped, max_length=40)
+    unaligned = sum(sum(r["student_unaligned"]) for r in data)
+    assert unaligned > 0
+    strict = _trainer(tmp_path / "strict", toks, data, teacher_tok=digits_dropped, max_unaligned_share=0.05)
+    batch = strict.data_collator([data[0], data[1]])
+    with pytest.raises(ValueError, match="could not be aligned.*max_unaligned_share"):
+        strict.compute_loss(strict.model, dict(batch))
+    lenient = _trainer(tmp_path / "lenient", toks, data, teacher_tok=digits_dropped, max_unaligned_share=1.0)
+    with caplog.at_level(logging.WARNING, logger="hf_distill.cross_tokenizer"):
+        loss = lenient.compute_loss(lenient.model, dict(batch))
+    assert torch.isfinite(loss) and "could not be aligned" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _nll_per_char(model, data, texts) -> float:
+    """The student's own completion NLL (nats) per completion character: independent of the teacher."""
+    total = 0.0
+    with torch.no_grad():
+        for row in data:
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            logits = model(input_ids=ids).logits[:, :-1]
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                       ignore_index=-100, reduction="sum").item()
+    return total / sum(len(t) for t in texts)
+
+
+def test_a_student_with_its_own_tokenizer_learns_from_the_stories260k_teacher(tmp_path):
+    if not (STORIES / "stories260K.bin").is_file():
+        pytest.skip("../shared/data is not staged")
+    from hf_distill.llama2c import convert_llama2c_checkpoint, convert_llama2c_tokenizer
+
+    teacher, sp = convert_llama2c_checkpoint(STORIES / "stories260K.bin"), convert_llama2c_tokenizer(STORIES / "tok512.model")
+    torch.manual_seed(0)
+    prompt = torch.full((160, 1), sp.bos_token_id)
+    samples = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=40,
+                               pad_token_id=0)
+    texts = [t.strip() for t in sp.batch_decode(samples, skip_special_tokens=True) if len(t.split(" ", 1)) == 2]
+    student_tok = byte_bpe(320, texts)
+    data = [{"prompt": t.split(" ", 1)[0], "completion": " " + t.split(" ", 1)[1]} for t in texts]
+    train = tokenize_aligned(data[:128], student_tok, sp, max_length=64)
+    held_out = tokenize_aligned(data[128:], student_tok, sp, max_length=64)
+    held_texts = [r["completion"] for r in data[128:]]
+    student = tiny_gpt2(layers=2, hidden=64, vocab_size=len(student_tok), seed=0)
+    before = _nll_per_char(student, held_out, held_texts)
+    trainer = DistillationTrainer(student, teacher, distill_args(tmp_path, alpha=1.0, max_steps=48, learning_rate=1e-2,
+                                                                 per_device_train_batch_size=16, logging_steps=8),
+                                  train_dataset=train, processing_class=student_tok, teacher_processing_class=sp)
+    assert trainer.cross is not None and len(trainer.cross.mapping) > 50
+    trainer.train()
+    after = _nll_per_char(trainer.model.eval(), held_out, held_texts)
+    assert after < 0.8 * before, (before, after)  # alpha = 1: only the teacher's distributions taught it
