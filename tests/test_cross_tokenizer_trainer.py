@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 from conftest import shared_data_dir
+from single_thread import one_thread  # noqa: F401
 from tiny_models import distill_args, tiny_bert, tiny_gpt2
 
 from hf_distill import DistillationTrainer
@@ -116,7 +117,7 @@ def _one_step(tmp_path, name, toks, data, **args):
     trainer = DistillationTrainer(
         _gpt2(toks["bpe"], 1), _gpt2(toks["wp"], 2, layers=3),
         distill_args(tmp_path / name, max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
-                     lr_scheduler_type="constant", alpha=0.5, temperature=2.0, **args),
+                     lr_scheduler_type="constant", alpha=0.5, temperature=2.0, preflight=False, **args),
         train_dataset=data, processing_class=toks["bpe"], teacher_processing_class=toks["wp"],
     )
     assert trainer.cross is not None
@@ -224,21 +225,25 @@ def test_a_student_with_its_own_tokenizer_learns_from_the_stories260k_teacher(tm
 
     teacher, sp = convert_llama2c_checkpoint(STORIES / "stories260K.bin"), convert_llama2c_tokenizer(STORIES / "tok512.model")
     torch.manual_seed(0)
-    prompt = torch.full((160, 1), sp.bos_token_id)
-    samples = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=40,
+    prompt = torch.full((96, 1), sp.bos_token_id)
+    samples = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=32,
                                pad_token_id=0)
     texts = [t.strip() for t in sp.batch_decode(samples, skip_special_tokens=True) if len(t.split(" ", 1)) == 2]
     student_tok = byte_bpe(320, texts)
     data = [{"prompt": t.split(" ", 1)[0], "completion": " " + t.split(" ", 1)[1]} for t in texts]
-    train = tokenize_aligned(data[:128], student_tok, sp, max_length=64)
-    held_out = tokenize_aligned(data[128:], student_tok, sp, max_length=64)
-    held_texts = [r["completion"] for r in data[128:]]
+    train = tokenize_aligned(data[:72], student_tok, sp, max_length=48)
+    held_out = tokenize_aligned(data[72:], student_tok, sp, max_length=48)
+    held_texts = [r["completion"] for r in data[72:]]
     student = tiny_gpt2(layers=2, hidden=64, vocab_size=len(student_tok), seed=0)
     before = _nll_per_char(student, held_out, held_texts)
-    trainer = DistillationTrainer(student, teacher, distill_args(tmp_path, alpha=1.0, max_steps=48, learning_rate=1e-2,
-                                                                 per_device_train_batch_size=16, logging_steps=8),
-                                  train_dataset=train, processing_class=student_tok, teacher_processing_class=sp)
+    trainer = DistillationTrainer(student, teacher, distill_args(tmp_path, alpha=1.0, max_steps=32, learning_rate=1e-2,
+                                                                 per_device_train_batch_size=8, logging_steps=8,
+                                                                 preflight_eval_batches=1),
+                                  train_dataset=train, eval_dataset=held_out, processing_class=student_tok,
+                                  teacher_processing_class=sp)
     assert trainer.cross is not None and len(trainer.cross.mapping) > 50
-    trainer.train()
+    start_eval = trainer.evaluate()["eval_loss"]
+    trainer.train()  # the preflight runs first: it must cope with a teacher over other tokens
     after = _nll_per_char(trainer.model.eval(), held_out, held_texts)
     assert after < 0.8 * before, (before, after)  # alpha = 1: only the teacher's distributions taught it
+    assert trainer.evaluate()["eval_loss"] < start_eval
