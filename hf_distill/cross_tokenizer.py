@@ -107,7 +107,14 @@ class CrossTokenizerLoss:
                 f"{list(ALIGNMENT_COLUMNS)}: tokenize the prompt/completion rows with hf_distill.lm.cross_tokenizer_data."
                 "tokenize_aligned(dataset, student_tokenizer, teacher_tokenizer, max_length=...).")
         student_tokenizer = trainer.processing_class
-        return cls.build(student_tokenizer, teacher_tokenizer or student_tokenizer, trainer.args)
+        loss = cls.build(student_tokenizer, teacher_tokenizer or student_tokenizer, trainer.args)
+        given = trainer.data_collator
+        if isinstance(given, CrossTokenizerCollator):
+            loss.collator = given
+        elif type(given).__name__ != "DataCollatorWithPadding" and getattr(given, "__name__", "") != "default_data_collator":
+            logger.warning("Cross-tokenizer mode pads batches with CrossTokenizerCollator; the given data_collator (%s) "
+                           "is not used.", type(given).__name__)
+        return loss
 
     def pop_alignment(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Take the alignment columns out of a batch (they are no model's inputs); check the unaligned share."""

@@ -141,10 +141,11 @@ def test_gradient_accumulation_equals_the_full_batch_across_tokenizers(tmp_path,
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def _trainer(tmp_path, toks, data, teacher_tok=None, **args):
+def _trainer(tmp_path, toks, data, teacher_tok=None, data_collator=None, **args):
     teacher_tok = teacher_tok or toks["wp"]
     return DistillationTrainer(_gpt2(toks["bpe"], 1), _gpt2(teacher_tok, 2), distill_args(tmp_path, preflight=False, **args),
-                               train_dataset=data, processing_class=toks["bpe"], teacher_processing_class=teacher_tok)
+                               train_dataset=data, processing_class=toks["bpe"], teacher_processing_class=teacher_tok,
+                               data_collator=data_collator)
 
 
 @pytest.mark.parametrize("setting,match", [
@@ -247,3 +248,14 @@ def test_a_student_with_its_own_tokenizer_learns_from_the_stories260k_teacher(tm
     after = _nll_per_char(trainer.model.eval(), held_out, held_texts)
     assert after < 0.8 * before, (before, after)  # alpha = 1: only the teacher's distributions taught it
     assert trainer.evaluate()["eval_loss"] < start_eval
+
+
+def test_a_given_collator_is_kept_only_when_it_pads_aligned_batches(tmp_path, toks, caplog):
+    from hf_distill.lm.cross_tokenizer_data import CrossTokenizerCollator
+
+    data = tokenize_aligned(rows(4), toks["bpe"], toks["wp"], max_length=40)
+    own = CrossTokenizerCollator(student_pad_token_id=0, teacher_pad_token_id=0)
+    assert _trainer(tmp_path / "own", toks, data, data_collator=own).data_collator is own
+    with caplog.at_level(logging.WARNING, logger="hf_distill.cross_tokenizer"):
+        trainer = _trainer(tmp_path / "other", toks, data, data_collator=CompletionCollator(toks["bpe"]))
+    assert isinstance(trainer.data_collator, CrossTokenizerCollator) and "is not used" in caplog.text
