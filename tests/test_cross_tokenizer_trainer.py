@@ -259,3 +259,41 @@ def test_a_given_collator_is_kept_only_when_it_pads_aligned_batches(tmp_path, to
     with caplog.at_level(logging.WARNING, logger="hf_distill.cross_tokenizer"):
         trainer = _trainer(tmp_path / "other", toks, data, data_collator=CompletionCollator(toks["bpe"]))
     assert isinstance(trainer.data_collator, CrossTokenizerCollator) and "is not used" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ the data
+def test_each_side_renders_its_own_chat_template_and_only_the_completion_is_grouped(toks):
+    from copy import deepcopy
+
+    student, teacher = deepcopy(toks["bpe"]), deepcopy(toks["wp"])
+    student.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    teacher.chat_template = "{% for m in messages %}{{ m.role }} said {{ m.content }} ! {% endfor %}{% if add_generation_prompt %}assistant said {% endif %}"
+    prompt = [{"role": "user", "content": "the cat saw"}]
+    row = tokenize_aligned([{"prompt": prompt, "completion": "the big dog"}], student, teacher, max_length=64)[0]
+    s_text = student.decode(row["input_ids"])
+    t_text = teacher.decode(row["teacher_input_ids"])
+    assert s_text.startswith("<user>the cat saw<assistant>") and "said" not in s_text
+    assert "user said the cat saw" in t_text and "assistant said" in t_text and "<user>" not in t_text
+    grouped_s = [i for i, g in zip(row["input_ids"], row["student_group_ids"]) if g >= 0]
+    grouped_t = [i for i, g in zip(row["teacher_input_ids"], row["teacher_group_ids"]) if g >= 0]
+    assert student.decode(grouped_s[:-1]) == "the big dog" and grouped_s[-1] == student.eos_token_id
+    assert teacher.decode(grouped_t[:-1]) == "the big dog" and grouped_t[-1] == teacher.eos_token_id
+    # the final EOS of both sides is one group of its own; labels cover the completion only
+    assert row["student_group_ids"][-1] == row["teacher_group_ids"][-1] == max(row["student_group_ids"])
+    first = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    assert student.decode(row["input_ids"][first:]).startswith("the big dog")
+
+
+def test_truncation_drops_a_group_cut_on_either_side(toks):
+    data = [{"prompt": "Tom", "completion": " jumped happy"}]
+    full = tokenize_aligned(data, toks["bpe"], toks["wp"], max_length=64)[0]
+    s_len, t_len = len(full["input_ids"]), len(full["teacher_input_ids"])
+    assert s_len != t_len or full["student_group_ids"] != full["teacher_group_ids"]
+    short = tokenize_aligned(data, toks["bpe"], toks["wp"], max_length=min(s_len, t_len) - 1)[0]
+    kept_s = {g for g in short["student_group_ids"] if g >= 0}
+    kept_t = {g for g in short["teacher_group_ids"] if g >= 0}
+    assert kept_s == kept_t  # every group kept has its tokens on both sides
+    for group in kept_s:
+        assert full["student_group_ids"].count(group) == short["student_group_ids"].count(group)
+        assert full["teacher_group_ids"].count(group) == short["teacher_group_ids"].count(group)
+    assert len(kept_s) < len({g for g in full["student_group_ids"] if g >= 0})
