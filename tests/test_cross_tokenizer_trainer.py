@@ -297,3 +297,59 @@ def test_truncation_drops_a_group_cut_on_either_side(toks):
         assert full["student_group_ids"].count(group) == short["student_group_ids"].count(group)
         assert full["teacher_group_ids"].count(group) == short["teacher_group_ids"].count(group)
     assert len(kept_s) < len({g for g in full["student_group_ids"] if g >= 0})
+
+
+def _expected_cross_loss(student, teacher, batch, pairs, alpha, temperature):
+    """The loss written out group by group: row t predicts token t + 1; a one-token pair that both vocabularies
+    share gets T²·KL over the shared entries + the "other" bin, any other group ULD between the group
+    distributions (first row × probabilities of the later tokens); CE on the student's completion tokens."""
+    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    t_logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits.double()
+    shared = dict(pairs)
+    kd, groups_seen = 0.0, 0
+    for b in range(batch["input_ids"].shape[0]):
+        s_ids, t_ids = batch["input_ids"][b], batch["teacher_input_ids"][b]
+        for g in sorted({int(x) for x in batch["student_group_ids"][b] if x >= 0}):
+            s_pos = [i for i, x in enumerate(batch["student_group_ids"][b]) if x == g]
+            t_pos = [i for i, x in enumerate(batch["teacher_group_ids"][b]) if x == g]
+            assert s_pos[0] > 0 and t_pos[0] > 0  # the prompt precedes every group
+            s_lp = torch.log_softmax(s_logits[b, [i - 1 for i in s_pos]] / temperature, -1)
+            t_lp = torch.log_softmax(t_logits[b, [i - 1 for i in t_pos]] / temperature, -1)
+            groups_seen += 1
+            if len(s_pos) == 1 and len(t_pos) == 1 and shared.get(int(s_ids[s_pos[0]])) == int(t_ids[t_pos[0]]):
+                s_keys = torch.tensor(list(shared.keys()))
+                t_keys = torch.tensor(list(shared.values()))
+                p, q = t_lp[0].exp(), s_lp[0].exp()
+                big_p = torch.cat([p[t_keys], (1 - p[t_keys].sum()).clamp_min(0).reshape(1)])
+                big_q = torch.cat([q[s_keys], (1 - q[s_keys].sum()).clamp_min(1e-12).reshape(1)])
+                kd += temperature**2 * float(sum(pi * torch.log(pi / qi) for pi, qi in zip(big_p, big_q) if pi > 0))
+            else:
+                def group(lp, ids, pos):
+                    return (lp[0] + sum(lp[k, ids[pos[k]]] for k in range(1, len(pos)))).exp()
+                r_s = group(s_lp, s_ids, s_pos).sort(descending=True).values
+                r_t = group(t_lp, t_ids, t_pos).sort(descending=True).values
+                width = max(len(r_s), len(r_t))
+                r_s = torch.cat([r_s, r_s.new_zeros(width - len(r_s))])
+                r_t = torch.cat([r_t, r_t.new_zeros(width - len(r_t))])
+                kd += float((r_s - r_t).abs().sum())
+    labels = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(s_logits[:, :-1].reshape(-1, s_logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+    tokens = int((labels != -100).sum())
+    return (alpha * kd + (1 - alpha) * float(ce)) / tokens, groups_seen
+
+
+def test_the_cross_tokenizer_loss_through_compute_loss_matches_the_groups_written_out(tmp_path, toks):
+    data = tokenize_aligned(rows(5, seed=4), toks["bpe"], toks["wp"], max_length=40)
+    trainer = _trainer(tmp_path, toks, data, alpha=0.4, temperature=2.0)
+    batch = trainer.data_collator([data[i] for i in range(5)])
+    multi = sum(1 for r in data for g in set(r["student_group_ids"]) - {-1}
+                if r["student_group_ids"].count(g) > 1 or r["teacher_group_ids"].count(g) > 1)
+    assert multi > 0  # some groups span several tokens on a side
+    mapping = trainer.cross.mapping
+    pairs = zip(mapping.student_ids.tolist(), mapping.teacher_ids.tolist())
+    with torch.no_grad():
+        expected, groups = _expected_cross_loss(trainer.model, trainer.teacher, batch, pairs, 0.4, 2.0)
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert groups > 20
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
