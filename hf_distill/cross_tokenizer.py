@@ -103,8 +103,8 @@ class CrossTokenizerLoss:
         columns = set(trainer.cache.dataset_columns)
         if columns and not columns.issuperset(ALIGNMENT_COLUMNS):
             raise ValueError(
-                "The teacher has its own tokenizer (cross-tokenizer mode), but the datasets lack the aligned columns "
-                f"{list(ALIGNMENT_COLUMNS)}: tokenize the prompt/completion rows with hf_distill.lm.cross_tokenizer_data."
+                "The teacher and student tokenizers differ (cross-tokenizer mode), but the datasets lack the aligned "
+                f"columns {list(ALIGNMENT_COLUMNS)}: tokenize the prompt/completion rows with hf_distill.lm.cross_tokenizer_data."
                 "tokenize_aligned(dataset, student_tokenizer, teacher_tokenizer, max_length=...).")
         student_tokenizer = trainer.processing_class
         loss = cls.build(student_tokenizer, teacher_tokenizer or student_tokenizer, trainer.args)
