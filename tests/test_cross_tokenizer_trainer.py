@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,3 +354,36 @@ def test_the_cross_tokenizer_loss_through_compute_loss_matches_the_groups_writte
         loss = trainer.compute_loss(trainer.model, dict(batch))
     assert groups > 20
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ the script
+def test_distill_causal_lm_script_takes_a_teacher_tokenizer(tmp_path):
+    if not (STORIES / "stories260K.bin").is_file():
+        pytest.skip("../shared/data is not staged")
+    import json
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_distill.llama2c import convert_llama2c_tokenizer, save_portable_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import distill_causal_lm as dcl
+
+    save_portable_tokenizer(convert_llama2c_tokenizer(STORIES / "tok512.model"), tmp_path / "teacher_tok")
+    texts = sentences(40, seed=5)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"prompt": t.split(" ", 1)[0], "completion": " " + t.split(" ", 1)[1]}) + "\n"
+                                                 for t in texts))
+    bpe = byte_bpe(300, texts)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, eos_token_id=bpe.eos_token_id,
+                                 pad_token_id=bpe.pad_token_id)).save_pretrained(tmp_path / "student")
+    bpe.save_pretrained(tmp_path / "student")
+    argv = ["--teacher", f"llama2c:{STORIES}", "--student", str(tmp_path / "student"), "--dataset",
+            str(tmp_path / "data.jsonl"), "--heldout_fraction", "0.25", "--max_length", "40", "--max_steps", "8",
+            "--learning_rate", "1e-2", "--use_cpu", "true", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match="tokenizers differ.*--teacher_tokenizer"):
+        dcl.main(argv)
+    results = dcl.main(argv + ["--teacher_tokenizer", str(tmp_path / "teacher_tok")])
+    assert results["steps"] == 8 and "kl" not in results["final"]  # the student's own metrics only
+    assert results["final"]["ppl"] < results["initial"]["ppl"]
