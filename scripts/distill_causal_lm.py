@@ -12,6 +12,8 @@ and after training: per-token KL(teacher ‖ student), perplexity and top-1 agre
     python scripts/distill_causal_lm.py --teacher_topk 32 --output_dir runs/topk   # cached top-k, no teacher at train time
     python scripts/distill_causal_lm.py --student path/to/small --use_lora --merge_lora --output_dir runs/lora
     python scripts/distill_causal_lm.py --teacher org/big-lm --dataset data.jsonl --max_length 512 --output_dir runs/x
+    python scripts/distill_causal_lm.py --student path/to/other --teacher_tokenizer path/to/teacher_tokenizer \\
+        --dataset data.jsonl --output_dir runs/xtok      # a student with its own tokenizer (cross-tokenizer)
     accelerate launch scripts/distill_causal_lm.py --output_dir runs/ddp      # same flags, several processes
 
 Every ``DistillationArguments`` / ``TrainingArguments`` field is a flag too (``--alpha``, ``--temperature``,
@@ -34,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -155,6 +158,12 @@ class ScriptArguments:
         default=False, metadata={"help": "After training, merge the adapter into a plain model in <output_dir>/merged."}
     )
     skip_initial_eval: bool = field(default=False, metadata={"help": "Do not evaluate the student before training."})
+    teacher_tokenizer: Optional[str] = field(
+        default=None,
+        metadata={"help": "Cross-tokenizer distillation: the teacher's tokenizer (a folder or Hub id) when the --student "
+                  "folder has a tokenizer of its own; both tokenize each prompt/completion and the loss compares "
+                  "character-aligned groups (--cross_tokenizer_loss). Held-out metrics are then the student's only."},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,11 +378,16 @@ def check_columns(dataset: Any, script: ScriptArguments) -> None:
     )
 
 
-def tokenize(dataset: Any, tokenizer: Any, script: ScriptArguments, limit: Optional[int] = None) -> Any:
+def tokenize(dataset: Any, tokenizer: Any, script: ScriptArguments, limit: Optional[int] = None,
+             teacher_tokenizer: Any = None) -> Any:
     from hf_distill import tokenize_completions
+    from hf_distill.lm.cross_tokenizer_data import tokenize_aligned
 
     if limit:
         dataset = dataset.select(range(min(limit, len(dataset))))
+    if teacher_tokenizer is not None:  # cross-tokenizer: each side's own tokens, and the aligned groups
+        return tokenize_aligned(dataset, tokenizer, teacher_tokenizer, max_length=script.max_length,
+                                prompt_column=script.prompt_column, completion_column=script.completion_column)
     return tokenize_completions(dataset, tokenizer, max_length=script.max_length, prompt_column=script.prompt_column,
                                 completion_column=script.completion_column, messages_column=script.messages_column,
                                 truncation_side=script.truncation_side)
@@ -382,6 +396,27 @@ def tokenize(dataset: Any, tokenizer: Any, script: ScriptArguments, limit: Optio
 # ----------------------------------------------------------------------------------------------
 # Evaluation (independent of hf_distill.losses)
 # ----------------------------------------------------------------------------------------------
+def student_heldout_metrics(student: Any, dataset: Any, tokenizer: Any, batch_size: int = 16) -> dict[str, float]:
+    """Cross-tokenizer runs: the student's perplexity of the held-out completions, on its own tokens."""
+    from hf_distill.causal_lm import CompletionCollator
+
+    collate, nll, tokens = CompletionCollator(tokenizer), 0.0, 0.0
+    device, was_training = next(student.parameters()).device, student.training
+    student.eval()
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([{k: dataset[i][k] for k in ("input_ids", "attention_mask", "labels")}
+                             for i in range(start, min(start + batch_size, len(dataset)))])
+            logits = student(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device)).logits[:, :-1].float()
+            targets = batch["labels"][:, 1:].to(device)
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                           ignore_index=-100, reduction="sum"))
+            tokens += float((targets != -100).sum())
+    student.train(was_training)
+    return {"ppl": math.exp(nll / max(tokens, 1.0)), "tokens": tokens}
+
+
 def results_table(results: dict[str, Any]) -> str:
     rows = ["| model | held-out KL(teacher ‖ model) | held-out perplexity | top-1 agreement | parameters |",
             "|---|---:|---:|---:|---:|"]
@@ -411,14 +446,26 @@ def load_teacher_and_tokenizer(script: ScriptArguments, args: Any) -> tuple[Any,
     return teacher, tokenizer
 
 
-def prepare_data(script: ScriptArguments, args: Any, teacher: Any, tokenizer: Any) -> tuple[Any, Any]:
+def cross_tokenizers(script: ScriptArguments) -> tuple[Any, Any]:
+    """--teacher_tokenizer: (the student's tokenizer from --student, the teacher's from --teacher_tokenizer)."""
+    from transformers import AutoTokenizer
+
+    if not script.student or script.teacher_topk:
+        raise ValueError("--teacher_tokenizer needs --student (a folder or Hub id with the student's own tokenizer) and "
+                         "a live teacher (not --teacher_topk, whose cache indexes the teacher's vocabulary).")
+    return (_with_pad_token(AutoTokenizer.from_pretrained(script.student)),
+            _with_pad_token(AutoTokenizer.from_pretrained(script.teacher_tokenizer)))
+
+
+def prepare_data(script: ScriptArguments, args: Any, teacher: Any, tokenizer: Any,
+                 teacher_tokenizer: Any = None) -> tuple[Any, Any]:
     """Tokenized (train, held-out); teacher completions and the top-k cache are made on the main process first."""
     from hf_distill import cache_teacher_outputs
 
     cache_dir = Path(script.completions_cache_dir) if script.completions_cache_dir else Path(args.output_dir) / "cache"
     with args.main_process_first(desc="teacher completions and tokenization"):
-        train_text, heldout_text = build_datasets(script, teacher, tokenizer, cache_dir, args.seed)
-        train = tokenize(train_text, tokenizer, script)
+        train_text, heldout_text = build_datasets(script, teacher, teacher_tokenizer or tokenizer, cache_dir, args.seed)
+        train = tokenize(train_text, tokenizer, script, teacher_tokenizer=teacher_tokenizer)
         heldout = tokenize(heldout_text, tokenizer, script, script.max_eval_samples) if heldout_text is not None else None
         if script.teacher_topk:
             train = cache_teacher_outputs(teacher, train, top_k=script.teacher_topk, temperature=args.temperature,
@@ -428,7 +475,8 @@ def prepare_data(script: ScriptArguments, args: Any, teacher: Any, tokenizer: An
     return train, heldout
 
 
-def make_trainer(script: ScriptArguments, args: Any, student: Any, teacher: Any, tokenizer: Any, train: Any) -> Any:
+def make_trainer(script: ScriptArguments, args: Any, student: Any, teacher: Any, tokenizer: Any, train: Any,
+                 teacher_tokenizer: Any = None) -> Any:
     """The DistillationTrainer (LoRA-wrapped with --use_lora). Built before any model runs, so that it refuses a
     mismatched teacher/student pair with its own message first."""
     from hf_distill import DistillationTrainer
@@ -441,15 +489,21 @@ def make_trainer(script: ScriptArguments, args: Any, student: Any, teacher: Any,
                                                     dropout=script.lora_dropout, target_modules=script.lora_target_modules)
     return DistillationTrainer(
         model=student, teacher_model=None if script.teacher_topk else teacher, args=args, train_dataset=train,
-        data_collator=CompletionCollator(tokenizer), processing_class=tokenizer, teacher_processing_class=tokenizer,
+        data_collator=None if teacher_tokenizer else CompletionCollator(tokenizer), processing_class=tokenizer,
+        teacher_processing_class=teacher_tokenizer or tokenizer,
         **trainer_kwargs,
     )
 
 
-def evaluate_on_heldout(model: Any, teacher: Any, heldout: Any, tokenizer: Any, args: Any, when: str) -> Optional[dict]:
-    """Held-out metrics on the main process (None without held-out data)."""
+def evaluate_on_heldout(model: Any, teacher: Any, heldout: Any, tokenizer: Any, args: Any, when: str,
+                        cross_tokenizer: bool = False) -> Optional[dict]:
+    """Held-out metrics on the main process (None without held-out data); the student's only across tokenizers."""
     if heldout is None or args.process_index != 0:
         return None
+    if cross_tokenizer:
+        metrics = student_heldout_metrics(model, heldout, tokenizer, args.per_device_eval_batch_size)
+        logger.info("%s: held-out perplexity %.3f (student tokens)", when, metrics["ppl"])
+        return metrics
     metrics = heldout_metrics(model, teacher, heldout, tokenizer, args.per_device_eval_batch_size)
     logger.info("%s: held-out KL %.4f, perplexity %.3f", when, metrics["kl"], metrics["ppl"])
     return metrics
@@ -493,7 +547,7 @@ def write_results(results: dict[str, Any], output_dir: Path) -> None:
     """``results.json`` and, with held-out metrics, ``results.md`` (printed too)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    if results["final"] is not None:
+    if results["final"] is not None and "kl" in results["final"]:  # not in cross-tokenizer runs
         table = results_table(results)
         (output_dir / "results.md").write_text(table + "\n")
         print(table)
@@ -514,15 +568,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     set_seed(args.seed)
     resume, output_dir = resume_argument(args.resume_from_checkpoint), Path(args.output_dir)
     teacher, tokenizer = load_teacher_and_tokenizer(script, args)
-    train, heldout = prepare_data(script, args, teacher, tokenizer)
+    # --teacher_tokenizer: cross-tokenizer distillation, and from here on `tokenizer` is the student's
+    tokenizer, teacher_tokenizer = cross_tokenizers(script) if script.teacher_tokenizer else (tokenizer, None)
+    cross = teacher_tokenizer is not None
+    train, heldout = prepare_data(script, args, teacher, tokenizer, teacher_tokenizer)
     set_seed(args.seed)
     student = build_causal_student(script, teacher, tokenizer, args.seed, args.allow_pickle_weights).to(args.device)
-    trainer = make_trainer(script, args, student, teacher, tokenizer, train)
+    trainer = make_trainer(script, args, student, teacher, tokenizer, train, teacher_tokenizer)
     initial = None if script.skip_initial_eval else evaluate_on_heldout(trainer.model, teacher, heldout, tokenizer,
-                                                                        args, "Before training")
+                                                                        args, "Before training", cross)
     results = {**describe_run(script, args, teacher, trainer.model, train, heldout), "initial": initial,
                **train_and_save(trainer, args, resume)}
-    results["final"] = evaluate_on_heldout(trainer.model, teacher, heldout, tokenizer, args, "After training")
+    results["final"] = evaluate_on_heldout(trainer.model, teacher, heldout, tokenizer, args, "After training", cross)
     if args.process_index == 0:
         if script.merge_lora:
             results.update(merge_adapter(trainer.model, tokenizer, output_dir))
