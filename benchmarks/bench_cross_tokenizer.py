@@ -26,8 +26,8 @@ whole text, so the measure is the code length of the same characters. Also train
 tokens / train wall time) and characters/s (the same for the text's characters: equal work whatever the
 tokenizer), and the hybrid run's ratios to the same-tokenizer run (the cost of alignment and the group loss).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_cross_tokenizer.py            # 3 seeds x 4 runs
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_cross_tokenizer.py --quick    # a smoke run
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cross_tokenizer.py            # 3 seeds x 4 runs
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cross_tokenizer.py --quick    # a smoke run
 
 Prints a markdown table and writes ``bench_results/cross_tokenizer.json`` (``--output``).
 """
