@@ -230,7 +230,7 @@ def run_preflight(trainer: Any) -> PreflightReport:
         metric, source, num_labels, majority = _teacher_metric(trainer)
         report = PreflightReport(
             teacher_metric=metric, teacher_metric_source=source, num_labels=num_labels, majority=majority,
-            compatibility=compatibility_summary(trainer.teacher, trainer.model, trainer.task),
+            compatibility=_compatibility(trainer),
             loss_weights=configured_loss_terms(args), inactive_terms=inactive_loss_terms(trainer.task, batch),
             memory=_memory_estimate(trainer, batch), available_bytes=available_memory_bytes(args.device),
             notes=accumulation_warnings(args),
@@ -260,6 +260,14 @@ def inactive_loss_terms(task: str, batch: Optional[Mapping[str, Any]]) -> dict[s
     if batch is not None and not any(k in batch for k in TARGET_KEYS[task]):
         return {"ce": "no labels in the training batches, so the soft term gets weight 1"}
     return {}
+
+
+def _compatibility(trainer: Any) -> str:
+    """The labels / vocabulary line; in cross-tokenizer mode, how many vocabulary entries the two sides share."""
+    cross = getattr(trainer, "cross", None)
+    if cross is None:
+        return compatibility_summary(trainer.teacher, trainer.model, trainer.task)
+    return f"cross-tokenizer mode: {len(cross.mapping)} vocabulary entries shared, loss {cross.mode}"
 
 
 def _first_training_batch(trainer: Any) -> Optional[dict[str, Any]]:

@@ -246,6 +246,8 @@ def test_a_student_with_its_own_tokenizer_learns_from_the_stories260k_teacher(tm
     assert trainer.cross is not None and len(trainer.cross.mapping) > 50
     start_eval = trainer.evaluate()["eval_loss"]
     trainer.train()  # the preflight runs first: it must cope with a teacher over other tokens
+    assert trainer.preflight_report.compatibility == (
+        f"cross-tokenizer mode: {len(trainer.cross.mapping)} vocabulary entries shared, loss hybrid")
     after = _nll_per_char(trainer.model.eval(), held_out, held_texts)
     assert after < 0.8 * before, (before, after)  # alpha = 1: only the teacher's distributions taught it
     assert trainer.evaluate()["eval_loss"] < start_eval
