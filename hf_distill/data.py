@@ -175,7 +175,7 @@ def check_json_rows(path: Union[str, Path], flag: str = "--dataset", example: st
     with open(path, encoding="utf-8") as handle:
         if not any(line.strip() for line in handle):
             raise ValueError(
-                f"{flag}: {path} is empty. Write one JSON object per line ({example}), or remove the file."
+                f"{flag}: {path} is empty. Write one JSON object per line ({example})."
             )
 
 

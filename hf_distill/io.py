@@ -58,6 +58,15 @@ def _umask() -> int:
     return mask
 
 
+def readable_as_umask_allows(folder: PathLike) -> None:
+    """Give every file below ``folder`` the mode a plain ``open()`` would (0666 & ~umask): safetensors writes its
+    files 0600, so weights saved for others (a service account, a shared folder) could not be read."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            os.chmod(path, mode)
+
+
 @contextmanager
 def atomic_directory(final_path: PathLike, *, overwrite: bool = True, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``final_path``; on success rename it to ``final_path``.
@@ -99,6 +108,7 @@ def replace_directory(staging: PathLike, final: PathLike, *, fsync: bool = True)
     where every rank writes into one agreed staging folder and the main process renames it after a barrier.
     """
     staging, final = Path(staging), Path(final)
+    readable_as_umask_allows(staging)
     if fsync:
         _fsync_tree(staging)
     if final.exists():
@@ -128,6 +138,7 @@ def atomic_contents(folder: PathLike, *, fsync: bool = True) -> Iterator[Path]:
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
+        readable_as_umask_allows(staging)
         if fsync:
             _fsync_tree(staging)
         for entry in sorted(staging.iterdir()):

@@ -110,7 +110,11 @@ class ScriptArguments:
         default=0.0,
         metadata={"help": "Fine-tune the teacher on the training split first (epochs). The synthetic task uses 4."},
     )
-    teacher_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of that teacher fine-tuning."})
+    teacher_learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "Learning rate of that teacher fine-tuning. Default: 5e-5 for a pretrained teacher (--teacher), "
+                  "1e-3 for the synthetic task's teacher trained from scratch."},
+    )
     teacher_train_size: int = field(
         default=2000, metadata={"help": "Synthetic task: clean examples the teacher is trained on."}
     )
@@ -174,6 +178,7 @@ class Models:
     student: Optional[torch.nn.Module] = None
     student_tokenizer: Any = None
     fine_tuned: bool = False  # the teacher was fine-tuned (or reloaded fine-tuned) into <output_dir>-teacher
+    untrained_weights: list = field(default_factory=list)  # teacher weights the checkpoint lacked (a new head)
     label_mapping: Optional[dict] = None  # dataset label id -> teacher id, when the two orders differ
 
 
@@ -221,9 +226,12 @@ def load_teacher(script: ScriptArguments, args: DistillationArguments, label_nam
         mapping = align_and_log(label_names, config.id2label, named)
         labels = {} if named else dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                                        label2id={n: i for i, n in enumerate(label_names)})
-        teacher = from_pretrained_safely(AutoModelForSequenceClassification, script.teacher, args.allow_pickle_weights,
-                                         trust_remote_code=args.teacher_trust_remote_code, **labels)
-    return Models(teacher, load_tokenizer(script.tokenizer or script.teacher), label_mapping=mapping)
+        teacher, info = from_pretrained_safely(AutoModelForSequenceClassification, script.teacher,
+                                               args.allow_pickle_weights, trust_remote_code=args.teacher_trust_remote_code,
+                                               output_loading_info=True, **labels)
+    models = Models(teacher, load_tokenizer(script.tokenizer or script.teacher), label_mapping=mapping)
+    models.untrained_weights = sorted(info.get("missing_keys") or [])
+    return models
 
 
 def align_and_log(label_names: list[str], teacher_id2label: dict, named: bool = True) -> Optional[dict]:
@@ -239,7 +247,7 @@ def align_and_log(label_names: list[str], teacher_id2label: dict, named: bool = 
 def teacher_settings(script: ScriptArguments, args: DistillationArguments, epochs: float) -> dict:
     """What a fine-tuned teacher depends on; a saved teacher is reused only when all of it matches."""
     return {"teacher": script.teacher, "dataset": script.dataset, "epochs": epochs, "seed": args.seed,
-            "learning_rate": script.teacher_learning_rate, "max_train_samples": script.max_train_samples,
+            "learning_rate": teacher_learning_rate(script), "max_train_samples": script.max_train_samples,
             "teacher_train_size": script.teacher_train_size, "max_length": script.max_length,
             "batch_size": args.per_device_train_batch_size}
 
@@ -266,21 +274,43 @@ def teacher_training_data(script: ScriptArguments, args: DistillationArguments, 
     return tokenize_splits(clean, tokenizer, script.max_length)["train"].remove_columns("text")
 
 
+def teacher_learning_rate(script: ScriptArguments) -> float:
+    """--teacher_learning_rate, else 5e-5 for a pretrained teacher and 1e-3 for the synthetic one from scratch."""
+    if script.teacher_learning_rate is not None:
+        return script.teacher_learning_rate
+    return 1e-3 if script.teacher is None else 5e-5
+
+
+def refuse_untrained_teacher(models: Models, script: ScriptArguments) -> None:
+    """A teacher whose checkpoint lacks weights (a pretrained encoder without a task head gets a random one) teaches
+    nothing unless it is fine-tuned first: refuse before anything trains."""
+    if models.untrained_weights:
+        raise ValueError(
+            f"The teacher {script.teacher} has newly initialised weights ({', '.join(models.untrained_weights[:4])}"
+            f"{', ...' if len(models.untrained_weights) > 4 else ''}): it has no trained task head, and a random head "
+            "teaches the student nothing. Fine-tune it first with --teacher_train_epochs 2 (learning rate "
+            "--teacher_learning_rate, default 5e-5), or pass a teacher already fine-tuned on this task."
+        )
+
+
 def fine_tune_teacher(models: Models, script: ScriptArguments, args: DistillationArguments, train) -> None:
     """Fine-tune the teacher when asked (the synthetic task always) and save it to ``<output_dir>-teacher``.
     A teacher saved there with the same settings is loaded instead, so a resumed run distils the same one."""
     epochs = script.teacher_train_epochs or (4.0 if script.dataset == "synthetic" and script.teacher is None else 0)
     if not epochs:
+        refuse_untrained_teacher(models, script)
         return
     folder, settings = teacher_dir_of(args.output_dir), teacher_settings(script, args, epochs)
     record = folder / TEACHER_RECORD
     if record.is_file() and json.loads(record.read_text()) == settings:
         logger.info("Reusing the teacher fine-tuned with the same settings in %s (delete it to train again).", folder)
         models.teacher, models.fine_tuned = from_pretrained_safely(type(models.teacher), folder), True
+        models.teacher.config._name_or_path = str(folder)  # the recipe and card name the teacher actually used
         return
     data = teacher_training_data(script, args, models.tokenizer, train)
-    train_teacher(models.teacher, models.tokenizer, data, args, epochs, script.teacher_learning_rate, folder)
+    train_teacher(models.teacher, models.tokenizer, data, args, epochs, teacher_learning_rate(script), folder)
     models.fine_tuned = True
+    models.teacher.config._name_or_path = str(folder)  # the recipe and card name the teacher actually used
     if args.should_save:
         models.teacher.save_pretrained(folder)
         models.tokenizer.save_pretrained(folder)

@@ -263,3 +263,21 @@ def test_compiled_teacher_and_student_give_the_same_losses(tmp_path):
         losses[compiled] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     assert hasattr(compile_teacher(tiny_bert(seed=3), trainer.args), "_orig_mod")
+
+
+def test_saved_weights_are_readable_as_the_umask_allows(tmp_path):
+    import os
+    import stat
+
+    data, tokenizer = sentiment_dataset(8)
+    trainer = DistillationTrainer(tiny_bert(seed=1), tiny_bert(seed=2), distill_args(tmp_path, max_steps=2, save_steps=2,
+                                                                                     save_strategy="steps"),
+                                  train_dataset=data, processing_class=tokenizer)
+    old = os.umask(0o022)
+    try:
+        trainer.train()
+        trainer.save_model()
+    finally:
+        os.umask(old)
+    for weights in (tmp_path / "out" / "model.safetensors", tmp_path / "out" / "checkpoint-2" / "model.safetensors"):
+        assert stat.S_IMODE(weights.stat().st_mode) == 0o644, weights  # safetensors alone writes 0600

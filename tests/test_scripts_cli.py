@@ -446,3 +446,22 @@ def test_trim_vocabulary_saves_a_smaller_student_with_the_same_outputs_on_traini
     with torch.no_grad():
         logits = {name: model(**tokenizer(text, return_tensors="pt")).logits for name, (model, tokenizer) in models.items()}
     assert torch.allclose(logits["full"], logits["trimmed"], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- headless teachers
+def test_a_teacher_without_a_trained_head_is_refused_unless_fine_tuned_first(tmp_path, data_dir):
+    from transformers import BertModel
+
+    tokenizer = synthetic_tokenizer()
+    encoder = _bert(len(tokenizer), dict(enumerate(LABELS))).bert  # a pretrained-style encoder: no task head
+    assert isinstance(encoder, BertModel)
+    encoder.save_pretrained(tmp_path / "encoder")
+    tokenizer.save_pretrained(tmp_path / "encoder")
+    with pytest.raises(ValueError, match="no trained task head.*--teacher_train_epochs"):
+        dcls.main(_argv(tmp_path / "encoder", data_dir, tmp_path / "refused"))
+    assert not (tmp_path / "refused" / "model.safetensors").exists()
+    dcls.main(_argv(tmp_path / "encoder", data_dir, tmp_path / "tuned", "--teacher_train_epochs", "1"))
+    recipe = json.loads((tmp_path / "tuned" / "distillation" / "recipe.json").read_text())
+    assert recipe["teacher"]["name_or_path"] == str(tmp_path / "tuned-teacher")  # the teacher actually distilled
+    settings = json.loads((tmp_path / "tuned-teacher" / "teacher_training.json").read_text())
+    assert settings["learning_rate"] == 5e-5  # a pretrained teacher's default, not the from-scratch 1e-3
