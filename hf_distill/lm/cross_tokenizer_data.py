@@ -27,7 +27,7 @@ from typing import Any
 import datasets
 import torch
 
-from .alignment import IGNORE_INDEX, NO_GROUP, AlignedExample, align_example
+from .alignment import IGNORE_INDEX, NO_GROUP, AlignedExample, _pad, align_example
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +111,6 @@ def tokenize_aligned(
     produced = {"input_ids", "attention_mask", "labels", *TEACHER_COLUMNS, *ALIGNMENT_COLUMNS}
     remove = [c for c in dataset.column_names if c in (prompt_column, completion_column) or c in produced]
     return dataset.map(encode, batched=True, remove_columns=remove, desc="Tokenizing and aligning completions")
-
-
-def _pad(rows: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for b, row in enumerate(rows):
-        if len(row):
-            out[b, : len(row)] = torch.as_tensor(list(row), dtype=dtype)
-    return out
 
 
 @dataclass
