@@ -32,6 +32,7 @@ _PUBLIC = {
     "push_distilled_to_hub": "hub",
     "convert_llama2c": "llama2c",
     "tokenize_completions": "causal_lm",
+    "tokenize_aligned": "lm.cross_tokenizer_data",
     "CompletionCollator": "causal_lm",
     "generate_teacher_completions": "causal_lm",
     "cache_teacher_completions": "causal_lm",
