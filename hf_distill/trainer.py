@@ -53,10 +53,7 @@ from .recipe import build_recipe, restore_distillation_folder, write_distillatio
 from .schedules import scheduled_value
 from .tasks import TARGET_KEYS, LogitRows, agreement_counts, count_items, detect_task, logit_rows, task_logits, unwrap_model
 from .teacher_cache import CachedTeacherColumns
-from .teachers import (  # check_same_tokenizer and load_teacher are also importable from here, as before
-    check_same_tokenizer, check_vocabularies, load_teacher, load_teachers, prepare_teacher, resolve_teacher_weights,
-    teacher_summary,
-)
+from .teachers import check_vocabularies, load_teachers, prepare_teacher, resolve_teacher_weights, teacher_summary
 from .term_log import TermLog
 
 logger = logging.getLogger(__name__)
