@@ -39,19 +39,13 @@ from .collator import TeacherColumnsCollator
 from .cross_tokenizer import ALIGNMENT_COLUMNS, CrossTokenizerLoss
 from .faults import FaultToleranceMixin
 from .intermediate import build_intermediate_terms
-from .losses.logits import (
-    chunked_weighted_sums,
-    fused_forward_kl_and_ce,
-    hard_label_loss,
-    soft_label_loss,
-    teacher_mixture_logits,
-    topk_soft_label_loss,
-)
+from .logit_terms import logit_terms
+from .losses.logits import teacher_mixture_logits
 from .peft_students import wrap_with_peft
 from .preflight import PreflightReport, run_preflight
 from .recipe import build_recipe, restore_distillation_folder, write_distillation_folder
 from .schedules import scheduled_value
-from .tasks import TARGET_KEYS, LogitRows, agreement_counts, count_items, detect_task, logit_rows, task_logits, unwrap_model
+from .tasks import TARGET_KEYS, agreement_counts, count_items, detect_task, logit_rows, task_logits, unwrap_model
 from .teacher_cache import CachedTeacherColumns
 from .teachers import check_vocabularies, load_teachers, prepare_teacher, resolve_teacher_weights, teacher_summary
 from .term_log import TermLog
@@ -282,7 +276,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         else:
             targets = self.teacher_targets(teacher_outputs, cached, temperature, student_logits.shape[-1])
             rows = [(logit_rows(self.task, student_logits, t, inputs), w) for t, w in targets]
-            loss_sum, term_sums = self.logit_terms(rows, alpha, temperature)  # alpha · KD + (1 − alpha) · CE
+            loss_sum, term_sums = logit_terms(rows, alpha, temperature, self.args)  # alpha · KD + (1 − alpha) · CE
         loss = loss_sum / items
         self.term_log.add(term_sums, items, model.training)
         if self.intermediate is not None:  # + Σ w_term · term, averaged over examples
@@ -361,46 +355,6 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         if self.args.multi_teacher_mode == "average":
             return [((teacher_mixture_logits(logits, self.teacher_weights, temperature),), 1.0)]
         return [((z,), w) for z, w in zip(logits, self.teacher_weights)]
-
-    def logit_terms(
-        self, rows_per_target: list[tuple[list[LogitRows], float]], alpha: float, temperature: float
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """alpha · Σ_i w_i Σ soft_i + (1 − alpha) · Σ hard over all rows (unnormalised), and each sum for logging."""
-        has_labels = all(r.labels is not None for rows, _ in rows_per_target for r in rows)
-        alpha = alpha if has_labels else 1.0
-        weighted, sums = torch.zeros(()), torch.zeros(2)
-        for i, (rows, weight) in enumerate(rows_per_target):
-            hard_weight = 1.0 - alpha if i == 0 else 0.0  # CE reads the labels once, whatever the teachers
-            for r in rows:
-                w_sum, term = self._row_sums(r, has_labels, (alpha * weight, hard_weight), temperature)
-                scale = term.new_tensor([weight, 1.0 if i == 0 else 0.0])  # on the loss's device: no host sync
-                weighted, sums = weighted.to(w_sum.device) + w_sum, sums.to(term.device) + term * scale
-        terms = {"kd": sums[0]}
-        if has_labels:
-            terms["ce"] = sums[1]
-        return weighted, terms
-
-    def _row_sums(self, r: LogitRows, has_labels: bool, weights: tuple[float, float], temperature: float):
-        """(weighted sum, [soft sum, hard sum]) of one set of rows: the fused forward-KL + CE path (one pass per
-        chunk, gradient written directly), or the generic chunked path for the other divergences."""
-        a = self.args
-        labels = r.labels if has_labels else None
-        if a.distillation_loss == "forward_kl":
-            return fused_forward_kl_and_ce(r.student, r.teacher, labels, r.weights, weights, temperature=temperature,
-                                           scale_by_temperature_squared=a.scale_by_temperature_squared,
-                                           chunk_size=a.loss_chunk_size)
-        options = dict(loss=a.distillation_loss, temperature=temperature, jsd_beta=a.jsd_beta,
-                       skew_lambda=a.skew_lambda, scale_by_temperature_squared=a.scale_by_temperature_squared)
-        soft_loss = topk_soft_label_loss if len(r.teacher) == 2 else soft_label_loss
-
-        def row_losses(student: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-            teacher, row_labels = (rest[:-1], rest[-1]) if has_labels else (rest, None)
-            soft = soft_loss(student, *teacher, **options)
-            hard = hard_label_loss(student, row_labels) if has_labels else torch.zeros_like(soft)
-            return torch.stack([soft, hard])
-
-        return chunked_weighted_sums(row_losses, weights, r.student, r.weights, *r.teacher, *((labels,) if has_labels else ()),
-                                     chunk_size=a.loss_chunk_size)
 
     # ------------------------------------------------------------------ logging and evaluation
     def _reduce(self, value: torch.Tensor, reduction: str) -> torch.Tensor:
