@@ -48,6 +48,8 @@ _TASK_TO_PIPELINE = {
     "masked-lm": "fill-mask",
     "fill-mask": "fill-mask",
     "seq2seq-lm": "text2text-generation",
+    "feature-extraction": "feature-extraction",
+    "sentence-embedding": "sentence-similarity",
 }
 # Eval keys that describe the run, not the model's quality.
 _NOT_QUALITY = ("runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time")
@@ -227,7 +229,9 @@ def _key_hyperparameters(losses: Mapping[str, Any], arguments: Mapping[str, Any]
         found.append(("Alpha (KD share of KD + CE weights)", _fmt(share)))
     for label, key in (("Learning rate", "learning_rate"), ("Epochs", "num_train_epochs"), ("Max steps", "max_steps"),
                        ("Batch size per device", "per_device_train_batch_size"), ("Seed", "seed")):
-        if arguments.get(key) is not None and not (key == "max_steps" and arguments[key] in (-1, 0)):
+        steps_rule = _is_number(arguments.get("max_steps")) and arguments["max_steps"] > 0  # max_steps overrides epochs
+        if arguments.get(key) is not None and not (key == "max_steps" and not steps_rule) and not (
+                key == "num_train_epochs" and steps_rule):
             found.append((label, _fmt(arguments[key])))
     return found
 

@@ -149,3 +149,20 @@ def test_scrub_and_hub_ids() -> None:
     assert is_hub_id("google-bert/bert-base-uncased") and is_hub_id("gpt2")
     for local in ("/abs/model", "~/model", "./model", "a/b/c", "bad--name", None, ""):
         assert not is_hub_id(local)
+
+
+@pytest.mark.parametrize("max_steps, epochs_shown", [(20, False), (-1, True)])
+def test_epochs_shown_only_when_they_bound_the_run(run: Path, max_steps: int, epochs_shown: bool) -> None:
+    recipe = json.loads((run / "distillation" / "recipe.json").read_text())
+    recipe["arguments"]["max_steps"] = max_steps  # the Trainer ignores num_train_epochs when max_steps > 0
+    text = str(render_model_card(run, recipe=recipe))
+    assert ("**Epochs:**" in text) is epochs_shown
+    assert ("**Max steps:** 20" in text) is (not epochs_shown)
+
+
+@pytest.mark.parametrize("task, pipeline", [("feature-extraction", "feature-extraction"),
+                                            ("sentence-embedding", "sentence-similarity")])
+def test_encoder_tasks_get_their_pipeline_tag(run: Path, task: str, pipeline: str) -> None:
+    recipe = json.loads((run / "distillation" / "recipe.json").read_text())
+    recipe["task"] = task
+    assert _header(str(render_model_card(run, recipe=recipe)))["pipeline_tag"] == pipeline
