@@ -90,6 +90,9 @@ def create_student(
         raise ValueError(f"layers must be a non-empty list of teacher block indices in 0..{total - 1}, got {layers}")
     if num_layers is not None and num_layers != len(layers):
         raise ValueError(f"num_layers={num_layers} but {len(layers)} layers were given: {layers}")
+    if layers == list(range(total)) and not config_overrides:
+        warnings.warn(f"create_student keeps all {total} of the teacher's blocks: the student is a copy of the teacher, "
+                      "not smaller; pass num_layers < the teacher's layer count to shrink it.", stacklevel=2)
 
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -325,3 +326,12 @@ def test_bert_to_distilbert_keeps_hidden_states_and_the_recipe_retrains_the_head
     assert len(head) == 4
     for name, before in head.items():  # trained with the student: not frozen, in the optimizer
         assert not torch.equal(dict(student.named_parameters())[name].detach(), before), name
+
+
+def test_a_student_with_every_teacher_block_is_flagged_as_a_copy():
+    teacher = _teacher("bert", "BertForSequenceClassification")
+    with pytest.warns(UserWarning, match="copy of the teacher, not smaller"):
+        create_student(teacher, num_layers=teacher.config.num_hidden_layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_student(teacher, num_layers=teacher.config.num_hidden_layers - 1)
