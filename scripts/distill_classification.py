@@ -106,6 +106,9 @@ class ScriptArguments:
     label_column: str = field(default="label", metadata={"help": "Column holding the integer label."})
     max_length: int = field(default=128, metadata={"help": "Maximum tokens per example."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={
+        "help": "Use at most this many validation rows (evaluation, preflight, the int8 check), as in run_glue."})
+    max_predict_samples: Optional[int] = field(default=None, metadata={"help": "Use at most this many test rows."})
     teacher_train_epochs: float = field(
         default=0.0,
         metadata={"help": "Fine-tune the teacher on the training split first (epochs). The synthetic task uses 4."},
@@ -207,8 +210,10 @@ def load_data(script: ScriptArguments, args: DistillationArguments):
     splits, label_names = load_text_classification(
         script.dataset, text_column=script.text_column, label_column=script.label_column, seed=args.seed
     )
-    if script.max_train_samples:
-        splits["train"] = splits["train"].select(range(min(script.max_train_samples, len(splits["train"]))))
+    limits = {"train": script.max_train_samples, "validation": script.max_eval_samples, "test": script.max_predict_samples}
+    for name, limit in limits.items():
+        if limit and name in splits:
+            splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
     return splits, label_names
 
 

@@ -465,3 +465,12 @@ def test_a_teacher_without_a_trained_head_is_refused_unless_fine_tuned_first(tmp
     assert recipe["teacher"]["name_or_path"] == str(tmp_path / "tuned-teacher")  # the teacher actually distilled
     settings = json.loads((tmp_path / "tuned-teacher" / "teacher_training.json").read_text())
     assert settings["learning_rate"] == 5e-5  # a pretrained teacher's default, not the from-scratch 1e-3
+
+
+def test_max_eval_and_predict_samples_cut_the_validation_and_test_splits(tmp_path):
+    folder = _write_dataset(tmp_path / "data", n_train=32, n_eval=16)
+    (folder / "test.jsonl").write_text((folder / "validation.jsonl").read_text())
+    script, args = dcls.parse_arguments(["--dataset", str(folder), "--output_dir", str(tmp_path / "out"),
+                                    "--max_train_samples", "20", "--max_eval_samples", "5", "--max_predict_samples", "7"])
+    splits, _ = dcls.load_data(script, args)
+    assert {name: len(split) for name, split in splits.items()} == {"train": 20, "validation": 5, "test": 7}
