@@ -230,3 +230,12 @@ def test_head_weights_are_gathered_once_per_step(tmp_path, monkeypatch):
 def test_bad_fused_lm_loss_value_names_the_flag(tmp_path):
     with pytest.raises(ValueError, match="--fused_lm_loss"):
         distill_args(tmp_path, fused_lm_loss="yes")
+
+
+def test_heads_on_two_devices_are_named(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, "true", *_pair("llama"))
+    monkeypatch.setattr(fused_step, "probe_hidden_states", lambda model, head: "")  # a meta head cannot run
+    trainer.teacher.lm_head.to("meta")
+    with pytest.raises(ValueError, match=r"teacher lm_head is on \[device\(type='meta'\)\] and the student lm_head on "
+                                         r"cpu: put both heads on one device.*--fused_lm_loss auto"):
+        fused_step.FusedLMLoss.for_trainer(trainer)
