@@ -318,7 +318,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         if terms is None:
             return flags
         return flags | {k: True for k, on in (("output_hidden_states", terms.needs_hidden_states),
-                                      ("output_attentions", terms.needs_attentions)) if on}
+                                              ("output_attentions", terms.needs_attentions)) if on}
 
     def split_inputs(self, inputs: dict[str, Any]) -> tuple[dict, dict, dict]:
         """(student inputs, teacher inputs, cached teacher outputs) from one batch; targets are left out."""
