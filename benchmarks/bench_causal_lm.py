@@ -258,7 +258,7 @@ def _common_training_kwargs(args: argparse.Namespace, output_dir: str) -> dict[s
         output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=max(1, args.steps // 20),
         weight_decay=0.0, logging_steps=max(1, args.steps // 10), save_strategy="no", report_to="none",
-        use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=True, seed=args.seed, disable_tqdm=True, dataloader_num_workers=0,
     )
 
 
@@ -296,7 +296,8 @@ def _make_trainer(spec: dict, args: argparse.Namespace, student: Any, teacher: A
         teacher_model = teacher
     if method == "onpolicy_jsd":
         overrides.update(on_policy_fields(args))
-    arguments = DistillationArguments(**common, temperature=args.temperature, distillation_task="causal-lm", **overrides)
+    arguments = DistillationArguments(**common, temperature=args.temperature, distillation_task="causal-lm",
+                                      fused_lm_loss=args.fused_lm_loss, **overrides)
     trainer = DistillationTrainer(model=student, teacher_model=teacher_model, args=arguments, train_dataset=dataset,
                                   data_collator=collator, processing_class=tokenizer)
     return trainer, collator
@@ -311,7 +312,7 @@ def run_worker(spec: dict, args: argparse.Namespace, data: dict) -> dict[str, An
     datasets.disable_progress_bars()
     torch.set_num_threads(args.threads)
     teacher, tokenizer = load_teacher(Path(args.model_dir))
-    student = build_student(spec["student"], teacher)
+    student = build_student(spec["student"], teacher, seed=args.seed)
     heldout = load_from_disk(data["paths"]["heldout"])
     train = load_from_disk(data["paths"]["train"])
     result: dict[str, Any] = {"student_parameters": sum(p.numel() for p in student.parameters())}
@@ -325,6 +326,8 @@ def run_worker(spec: dict, args: argparse.Namespace, data: dict) -> dict[str, An
             output = trainer.train()
             seconds = time.perf_counter() - start
             peak = peak_kb()
+        fused = getattr(trainer, "fused_lm", None)
+        result["fused_lm_loss"] = None if fused is None else (fused.enabled, fused.reason)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         result.update(
             train_seconds=seconds,
@@ -578,6 +581,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--trl_students", nargs="*", default=["layers"], help="Students of the TRL comparison.")
     parser.add_argument("--trl_tasks", nargs="+", default=["jsd", "onpolicy_jsd"], choices=["jsd", "onpolicy_jsd"],
                         help="Tasks of the TRL comparison.")
+    parser.add_argument("--fused_lm_loss", default="auto", choices=["auto", "true", "false"],
+                        help="Our runs' --fused_lm_loss: the loss from hidden states through each lm_head, or full logits.")
+    parser.add_argument("--seed", type=int, default=0, help="Training seed of every run (and the narrow student's init).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1 keeps timings stable).")
     parser.add_argument("--cache_dir", default="bench_results/causal_lm_cache")
     parser.add_argument("--output", default="bench_results/causal_lm.json")

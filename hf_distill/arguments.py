@@ -109,6 +109,13 @@ class DistillationArguments(TrainingArguments):
         default=1024,
         metadata={"help": "Rows (tokens) per chunk for token-level losses; bounds memory at large vocabularies. 0: off."},
     )
+    fused_lm_loss: str = field(
+        default="auto",
+        metadata={"help": "Causal LM: compute the token-level loss from the last hidden states through each model's "
+                  "lm_head, chunk by chunk, never making [batch, length, vocabulary] logits. auto: when both heads "
+                  "allow it (else the full-logit path, the reason logged once); true: required (error otherwise); "
+                  "false: off."},
+    )
     truncate_teacher_vocab: bool = field(
         default=False,
         metadata={"help": "Causal LM: when the teacher's output layer has extra (padding) rows beyond the student's "
@@ -289,6 +296,8 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"`distillation_task` must be one of {TASKS}, got {self.distillation_task!r}.")
         if self.loss_chunk_size < 0:
             raise ValueError("`loss_chunk_size` must be >= 0 (0 turns chunking off).")
+        if self.fused_lm_loss not in ("auto", "true", "false"):
+            raise ValueError(f"`fused_lm_loss` must be 'auto', 'true' or 'false', got {self.fused_lm_loss!r} (--fused_lm_loss).")
         if self.cross_tokenizer_loss not in ("hybrid", "uld"):
             raise ValueError(f"`cross_tokenizer_loss` must be 'hybrid' or 'uld', got {self.cross_tokenizer_loss!r}.")
         _unit_interval("max_unaligned_share", self.max_unaligned_share)

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 
 from .arguments import DistillationArguments
+from .lm.fused_step import FusedLMLoss
 from .lm.generation import draw_on_policy, generate_on_policy_batch
 from .collator import TeacherColumnsCollator
 from .cross_tokenizer import ALIGNMENT_COLUMNS, CrossTokenizerLoss
@@ -157,6 +158,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         self.term_log = TermLog(args.device)
         self._eval_counts: dict[str, torch.Tensor] = {}
         self.preflight_report: Optional[PreflightReport] = None
+        self.fused_lm = FusedLMLoss.for_trainer(self)  # causal LM: loss from hidden states + lm_head (lm/fused_step.py)
         self.init_fault_tolerance()
 
     @property
@@ -264,8 +266,9 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         alignment = self.cross.pop_alignment(inputs) if self.cross is not None else None
         student_inputs, teacher_inputs, cached = self.split_inputs(inputs)
         # The teacher first: its activations are freed before the student's (kept for backward) are made.
-        teacher_outputs = self.live_teacher_outputs(teacher_inputs, cached)
-        student_outputs = model(**student_inputs, **self._output_flags())
+        fused = self.fused_lm.enabled and not return_outputs  # evaluation reads the student's full logits
+        teacher_outputs = self.live_teacher_outputs(teacher_inputs, cached, fused)
+        student_outputs = model(**student_inputs, **self._output_flags(fused))
         student_logits = task_logits(student_outputs, self.task)
         temperature, alpha = self.current_temperature(), self.current_alpha()
         items, examples = self._normalisers(inputs, record, model.training)
@@ -273,6 +276,9 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             targets = [((None,), 1.0)]
             loss_sum, term_sums = self.cross.logit_terms(student_logits, teacher_outputs[0].logits, inputs, alignment,
                                                          alpha, temperature, self.args.scale_by_temperature_squared)
+        elif fused:  # the same sums through each model's lm_head, no [B, L, V] logits
+            loss_sum, term_sums = self.fused_lm.logit_terms(self, model, student_outputs, teacher_outputs, cached,
+                                                            inputs, alpha, temperature)
         else:
             targets = self.teacher_targets(teacher_outputs, cached, temperature, student_logits.shape[-1])
             rows = [(logit_rows(self.task, student_logits, t, inputs), w) for t, w in targets]
@@ -307,12 +313,12 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             items, examples = items * scale, examples * scale
         return items, examples
 
-    def _output_flags(self) -> dict[str, bool]:
-        terms = self.intermediate
+    def _output_flags(self, fused: bool = False) -> dict[str, Any]:
+        terms, flags = self.intermediate, (self.fused_lm.flags() if fused else {})
         if terms is None:
-            return {}
-        return {k: True for k, on in (("output_hidden_states", terms.needs_hidden_states),
-                                      ("output_attentions", terms.needs_attentions)) if on}
+            return flags
+        return flags | {k: True for k, on in (("output_hidden_states", terms.needs_hidden_states),
+                                              ("output_attentions", terms.needs_attentions)) if on}
 
     def split_inputs(self, inputs: dict[str, Any]) -> tuple[dict, dict, dict]:
         """(student inputs, teacher inputs, cached teacher outputs) from one batch; targets are left out."""
@@ -324,16 +330,16 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         student_inputs = {k: v for k, v in inputs.items() if k not in targets and not k.startswith("teacher_")}
         return student_inputs, (prefixed or student_inputs), cached
 
-    def live_teacher_outputs(self, teacher_inputs: dict, cached: dict) -> list[Any]:
+    def live_teacher_outputs(self, teacher_inputs: dict, cached: dict, fused: bool = False) -> list[Any]:
         """The teachers' outputs for this batch, or [] when its cached outputs serve (logit terms only)."""
-        return [] if cached and self.intermediate is None else self.teacher_forward(teacher_inputs)
+        return [] if cached and self.intermediate is None else self.teacher_forward(teacher_inputs, fused)
 
-    def teacher_forward(self, teacher_inputs: dict) -> list[Any]:
+    def teacher_forward(self, teacher_inputs: dict, fused: bool = False) -> list[Any]:
         """One forward of each teacher under no_grad; the intermediate teacher also returns its internals."""
-        flags = self._output_flags()
+        flags, lm_flags = self._output_flags(fused), (self.fused_lm.flags() if fused else {})
         with torch.no_grad():
             return [
-                teacher(**teacher_inputs, **(flags if i == self.args.intermediate_teacher else {}))
+                teacher(**teacher_inputs, **(flags if i == self.args.intermediate_teacher else lm_flags))
                 for i, teacher in enumerate(self.teachers)
             ]
 
