@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .tasks import detect_task, unwrap_model
+from .losses.fused_linear import BLOCK_ELEMENTS as FUSED_BLOCK_ELEMENTS
 
 GiB = float(1024**3)
 MiB = float(1024**2)
@@ -297,6 +298,7 @@ def estimate_peak_memory(
     teacher_attentions: bool = False,
     projected_layers: int = 0,
     extra_parameters: Iterable[torch.Tensor] = (),
+    fused_lm_loss: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one distillation training step (see the module doc for the parts).
 
@@ -307,7 +309,9 @@ def estimate_peak_memory(
     config when None); ``teacher_dtype_bytes`` if the teacher is cast; ``loss_chunk_size`` 0 when the loss is not
     chunked; ``activation_method`` auto (probe, else analytic), probe or analytic; ``device`` for ``resident``;
     ``teacher_hidden_states`` / ``teacher_attentions`` / ``projected_layers`` / ``extra_parameters`` what the
-    intermediate terms add (teacher internals kept, projected student states, the projections' parameters).
+    intermediate terms add (teacher internals kept, projected student states, the projections' parameters);
+    ``fused_lm_loss`` when the causal-LM loss runs from hidden states (no [rows, vocab] logits: one block's
+    working set, see :func:`_fused_loss_bytes`).
     """
     if batch_size < 1 or seq_length < 1:
         raise ValueError(f"batch_size and seq_length must be >= 1, got {batch_size} and {seq_length}.")
@@ -328,8 +332,8 @@ def estimate_peak_memory(
                                                           teacher_attentions, projected_layers, element)
     width = vocab_or_labels if vocab_or_labels is not None else _output_width(student, dims, task)
     rows = batch_size * (1 if task == "sequence-classification" else seq_length)
-    logits_and_loss = _logits_and_loss_bytes(rows, width, dtype_bytes, teacher, teacher_dtype_bytes, cached_topk,
-                                             loss_chunk_size)
+    logits_and_loss = _fused_loss_bytes(rows, width) if fused_lm_loss else _logits_and_loss_bytes(
+        rows, width, dtype_bytes, teacher, teacher_dtype_bytes, cached_topk, loss_chunk_size)
     target = torch.device(device) if device is not None else _model_device(student)
     resident = _resident_bytes(student, target) + _resident_bytes(teacher, target)
     return MemoryEstimate(
@@ -401,6 +405,13 @@ def _logits_and_loss_bytes(rows: int, width: int, student_elem: int, teacher: Op
     else:
         loss_buffers = full + 5.3 * loss_chunk_size * width * 4
     return rows * width * student_elem + teacher_targets + loss_buffers
+
+
+def _fused_loss_bytes(rows: int, width: int) -> float:
+    """The fused-linear loss (losses/fused_linear.py) keeps no [rows, vocab] tensor beyond one block of at most
+    ``BLOCK_ELEMENTS`` logits: about six fp32 tensors of the block (student and teacher logits, their
+    log-softmaxes, probabilities, the logits' gradient)."""
+    return 6 * 4 * min(rows * width, FUSED_BLOCK_ELEMENTS)
 
 
 def _cgroup_available() -> Optional[int]:

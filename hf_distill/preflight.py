@@ -344,6 +344,7 @@ def _memory_estimate(trainer: Any, batch: Optional[dict[str, Any]]) -> MemoryEst
         vocab_or_labels=trainer.student_output_width(),
         teacher_dtype_bytes=None if dtype is None else torch.finfo(dtype).bits // 8,
         cached_topk=topk, loss_chunk_size=args.loss_chunk_size, device=args.device,
+        fused_lm_loss=bool(getattr(getattr(trainer, "fused_lm", None), "enabled", False)),
         **_intermediate_memory_settings(trainer.intermediate),
     )
 

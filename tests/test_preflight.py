@@ -41,7 +41,10 @@ MEMORY_CASES = [
     # activations dominate; weights, AdamW states and the teacher are the rest.
     dict(kind="bert", hidden=64, layers=4, heads=4, vocab=30522, batch=16, seq=128),
     # GPT-2 LM, vocabulary 16384, batch 2 × 128: the [N, V] logits and loss buffers dominate.
-    dict(kind="gpt2", hidden=64, layers=2, heads=4, vocab=16384, batch=2, seq=128),
+    # (on the full-logit path: --fused_lm_loss false)
+    dict(kind="gpt2", hidden=64, layers=2, heads=4, vocab=16384, batch=2, seq=128, fused="false"),
+    # The same on the fused-linear path, batch 8: no [N, V] logits, one loss block; activations and weights dominate.
+    dict(kind="gpt2", hidden=64, layers=2, heads=4, vocab=16384, batch=8, seq=128, fused="true"),
     # BERT with hidden-state and attention terms: a 2x wider, 8-head teacher returns its hidden states and
     # eager attention maps ([16, 8, 256, 256] per layer), the student's states go through projections.
     dict(kind="bert", hidden=64, layers=4, heads=8, vocab=8192, batch=16, seq=256, teacher_hidden=128,
@@ -89,7 +92,8 @@ def _child_measure(case: dict) -> dict:
     student, teacher = model(1), model(2, case.get("teacher_hidden"))
     terms = dict(hidden_weight=1.0, attention_weight=1.0) if case.get("intermediate") else {}
     args = DistillationArguments(output_dir="unused", per_device_train_batch_size=batch, max_steps=2, report_to=[],
-                                 save_strategy="no", use_cpu=True, disable_tqdm=True, optim="adamw_torch", **terms)
+                                 save_strategy="no", use_cpu=True, disable_tqdm=True, optim="adamw_torch",
+                                 fused_lm_loss=case.get("fused", "auto"), **terms)
     trainer = DistillationTrainer(student, teacher, args, train_dataset=data)
     trainer.train()
     measured = _status_bytes("VmHWM") - before
@@ -97,7 +101,8 @@ def _child_measure(case: dict) -> dict:
         estimate = trainer.preflight_report.memory
         assert estimate.intermediate_outputs > 0
     else:
-        estimate = estimate_peak_memory(student, teacher, batch_size=batch, seq_length=seq, optimizer="adamw_torch")
+        estimate = estimate_peak_memory(student, teacher, batch_size=batch, seq_length=seq, optimizer="adamw_torch",
+                                        fused_lm_loss=case.get("fused") == "true")
     return {"measured": measured, "estimate": estimate.as_dict()}
 
 
