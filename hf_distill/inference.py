@@ -36,6 +36,7 @@ FP32_FILE_NAME = "model.onnx"
 INT8_FILE_NAME = "model_quantized.onnx"
 EXPORT_INFO_FILE_NAME = "export_info.json"
 REJECTED_FOLDER_NAME = "rejected"  # where the exporter moves an int8 file that failed its check
+DEFAULT_POOLING = {"mode": "mean", "normalize": False}  # feature extraction, when the folder records no pooling
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ class OnnxPipeline:
         self.session = create_session(self.model_path, threads)
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.id2label = {int(key): value for key, value in (getattr(self.config, "id2label", None) or {}).items()}
-        self.pooling = read_export_info(self.folder).get("pooling") or {"mode": "mean", "normalize": False}
+        self.pooling = read_export_info(self.folder).get("pooling") or DEFAULT_POOLING
 
     def run(self, **encoded: Any) -> dict[str, np.ndarray]:
         """Raw outputs by name for already tokenized inputs."""

@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, BertConf
 from hf_distill import DistillationArguments, DistillationTrainer
 from hf_distill.data import synthetic_sentiment, synthetic_tokenizer
 from hf_distill.preflight import configured_loss_terms
+from hf_distill.sentence_embeddings import write_sentence_transformers_files
 from hf_distill.tasks import detect_task
 
 from tiny_models import tiny_bert
@@ -196,3 +197,55 @@ def test_sentence_embedding_projection_trains_saves_apart_and_resumes(tmp_path):
     assert not torch.equal(fresh.encoder.embedding.projection.linear.weight, projection.linear.weight)
     fresh._load_from_checkpoint(str(checkpoint))
     assert torch.equal(fresh.encoder.embedding.projection.linear.weight, projection.linear.weight)
+
+
+# ---------------------------------------------------------------- the shared MiniLM
+def test_shared_minilm_distil_save_reload_trim_export(tmp_path):
+    """Teacher: the shared MiniLM (loaded by path, as AutoModel); student: its 3-layer copy. A few steps of
+    sentence-embedding distillation with the hidden-state term, then save, reload, trim and export."""
+    from conftest import shared_data_dir
+    from transformers import AutoTokenizer
+
+    from hf_distill import create_student, trim_vocabulary
+    from hf_distill.export import export_onnx
+    from hf_distill.inference import load_onnx_pipeline
+    from hf_distill.sentence_embeddings import read_pooling
+
+    folder = shared_data_dir() / "models" / "all-MiniLM-L6-v2"
+    if not folder.is_dir():
+        pytest.skip(f"shared MiniLM not found at {folder}")
+    with open(shared_data_dir() / "sst2" / "train.jsonl", encoding="utf-8") as handle:
+        texts = [json.loads(line)["text"] for _, line in zip(range(96), handle)]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data = Dataset.from_dict({"text": texts[:64]}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=16), batched=True, remove_columns=["text"])
+    teacher = AutoModel.from_pretrained(folder)
+    student = create_student(teacher, num_layers=3)
+    args = _args(tmp_path, "sentence-embedding", embedding_pooling="mean", embedding_normalize=True, hidden_weight=1.0,
+                 max_steps=3, logging_steps=1, learning_rate=1e-4, per_device_train_batch_size=8)
+    trainer = DistillationTrainer(model=student, teacher_model=str(folder), args=args, train_dataset=data,
+                                  processing_class=tokenizer)
+    assert trainer.intermediate.hidden_map == {0: 0, 1: 2, 2: 4, 3: 6}
+    trainer.train()
+    hidden = _losses(trainer, "loss_hidden")
+    embedding = _losses(trainer, "loss_embedding")
+    assert len(hidden) == 3 and all(0 < h < 10 for h in hidden) and embedding[-1] < embedding[0]
+    trainer.save_model(str(tmp_path / "student"))
+    reloaded = AutoModel.from_pretrained(tmp_path / "student").eval()
+    batch = tokenizer(texts[64:72], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).last_hidden_state, student.eval()(**batch).last_hidden_state, atol=1e-5)
+    pooling = read_pooling(tmp_path / "student")
+    assert (pooling.mode, pooling.normalize) == ("mean", True)
+    expected = _mean_embeddings(reloaded, Dataset.from_dict({"text": texts[64:72]}), tokenizer).numpy()
+    trimmed, trimmed_tokenizer = trim_vocabulary(reloaded, tokenizer, texts)
+    assert trimmed.config.vocab_size == len(trimmed_tokenizer) < 30522 / 4
+    trimmed.save_pretrained(tmp_path / "trimmed")
+    trimmed_tokenizer.save_pretrained(tmp_path / "trimmed")
+    write_sentence_transformers_files(tmp_path / "trimmed", pooling, 384)
+    result = export_onnx(tmp_path / "trimmed", backend="torch", per_channel=True,
+                         eval_dataset=[{"text": t} for t in texts[64:]])
+    assert result.task == "feature-extraction" and result.parity["fp32"].passed
+    assert result.parity["int8"].mean_cosine > 0.9 and result.pooling == {"mode": "mean", "normalize": True}
+    got = load_onnx_pipeline(tmp_path / "trimmed" / "onnx", quantized=False)(texts[64:72])
+    assert abs(got - expected).max() < 1e-4  # trimming and export change nothing on text whose tokens are kept

@@ -57,7 +57,7 @@ def test_sentence_embedding_student_exports_with_parity_and_pools_in_the_pipelin
     assert result.task == "feature-extraction" and result.pooling == pooling.to_dict()
     fp32, int8 = result.parity["fp32"], result.parity["int8"]
     assert fp32.passed and fp32.max_abs_diff <= 1e-4 * fp32.logit_scale
-    assert int8.min_mean_cosine == 0.99 and int8.mean_cosine > 0.99 and result.int8_accepted
+    assert int8.min_mean_cosine == 0.98 and int8.mean_cosine > 0.98 and result.int8_accepted
     info = json.loads((tmp_path / "student" / "onnx" / "export_info.json").read_text())
     assert info["pooling"] == pooling.to_dict()
     expected, hidden, batch = _torch_embeddings(model, tokenizer, TEXTS, pooling.mode, pooling.normalize)
@@ -75,7 +75,7 @@ def test_sentence_embedding_student_exports_with_parity_and_pools_in_the_pipelin
 def test_headless_model_without_pooling_gets_mean_pooling(tmp_path):
     model, tokenizer = _save_headless(tmp_path / "general")
     result = export_onnx(tmp_path / "general", backend="torch")  # built-in sample texts
-    assert result.pooling is None and result.parity["fp32"].passed and result.parity["int8"].mean_cosine > 0.99
+    assert result.pooling is None and result.parity["fp32"].passed and result.parity["int8"].mean_cosine > 0.98
     expected, _, _ = _torch_embeddings(model, tokenizer, TEXTS, "mean", False)
     assert np.abs(load_onnx_pipeline(tmp_path / "general" / "onnx", quantized=False)(TEXTS) - expected).max() <= 1e-5
 
@@ -90,16 +90,26 @@ def test_int8_is_rejected_when_its_vectors_turn_away(tmp_path):
         ParityCriteria(int8_min_cosine=1.5)
 
 
-def test_the_cosine_judge_catches_a_flipped_vector():
-    """One of two real token vectors negated: mean cosine (1 + (-1)) / 2 = 0, whatever the scale."""
-    reference = np.array([[[1.0, 2.0, 3.0], [4.0, -1.0, 0.5], [9.0, 9.0, 9.0]]])
+def test_the_cosine_judge_reads_the_pooled_embeddings():
+    """Two sentences; the second one's vectors negated: mean cosine (1 + (-1)) / 2 = 0, whatever the scale."""
+    reference = np.array([[[1.0, 2.0, 3.0], [4.0, -1.0, 0.5], [9.0, 9.0, 9.0]],
+                          [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0], [3.0, -3.0, 3.0]]])
     candidate = reference.copy()
-    candidate[0, 1] *= -1
+    candidate[1] *= -1
     candidate[0, 2] = 0.0  # padding: ignored
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
     tally = Tally()
-    tally.add("feature-extraction", [reference], [candidate], np.array([[1, 1, 0]]))
+    tally.add("feature-extraction", [reference], [candidate], mask)
     verdict = judge(tally, "int8", ParityCriteria(), "test", on_eval_set=True)
     assert verdict.mean_cosine == pytest.approx(0.0, abs=1e-12) and not verdict.passed
+    # cls pooling reads the first token only: a change to the others does not count
+    changed = reference.copy()
+    changed[:, 1:] = -changed[:, 1:]
+    for mode, expected in (("cls", 1.0), ("mean", None)):
+        tally = Tally(pooling={"mode": mode, "normalize": True})
+        tally.add("feature-extraction", [reference], [changed], mask)
+        cosine = tally.cosine_sum / tally.vectors
+        assert cosine == pytest.approx(expected, abs=1e-12) if expected else cosine < 0.9
 
 
 def test_pool_numpy_by_hand():

@@ -243,10 +243,11 @@ def _check_parity(result: ExportResult, plan: _Plan, criteria: parity.ParityCrit
     reference = torch_backend.load_torch_model(plan.model_dir, plan.task)
     paths = {"fp32": result.model_path, **({"int8": result.quantized_path} if result.quantized_path else {})}
     if eval_set is not None:
-        tallies, source = parity.tally_eval_set(reference, paths, plan.task, eval_set), eval_set.source
+        tallies, source = parity.tally_eval_set(reference, paths, plan.task, eval_set, plan.pooling), eval_set.source
     else:
         inputs, source = parity.sample_inputs(plan.model_dir, plan.config, sample_texts)
-        tallies = {name: parity.tally_samples(reference, path, plan.task, inputs) for name, path in paths.items()}
+        tallies = {name: parity.tally_samples(reference, path, plan.task, inputs, plan.pooling)
+                   for name, path in paths.items()}
     for precision, tally in tallies.items():
         verdict = parity.judge(tally, precision, criteria, source, on_eval_set=eval_set is not None)
         result.parity[precision] = verdict
@@ -300,7 +301,7 @@ def export_onnx(
     int8 is accepted when its accuracy on the eval set is at most `int8_max_accuracy_drop` points below
     PyTorch's (without an eval set: argmax agreement >= `int8_min_agreement`). A headless or sentence-embedding
     model (task `feature-extraction`, alias `sentence-embedding`) exports `last_hidden_state`; its int8 file is
-    accepted when the mean cosine of its token vectors to PyTorch fp32's is >= `int8_min_cosine`, and the
+    accepted when the mean cosine of its sentence embeddings to PyTorch fp32's is >= `int8_min_cosine`, and the
     folder's sentence-transformers pooling is recorded in `export_info.json` for `load_onnx_pipeline`.
     A rejected int8 file is moved to
     `<output_dir>/rejected/`; the verdict is `result.int8_accepted` and `result.parity["int8"]`, and nothing

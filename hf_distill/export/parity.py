@@ -7,9 +7,10 @@ on the evaluation set when there is one (the max abs diff is then recorded, and 
 its predictions stay the same), else argmax agreement and the max abs diff on the sample batch.
 
 Feature extraction (a headless or sentence-embedding student, output ``last_hidden_state``) has no predictions:
-int8 is judged by the mean cosine between its token vectors and PyTorch fp32's, over every real token
-(``int8_min_cosine``, default 0.99; a pooled sentence embedding, a mean of those vectors, is at least as close in
-practice), and fp32 by the max abs diff as every task.
+int8 is judged by the mean cosine between its sentence embeddings and PyTorch fp32's (the folder's pooling, mean
+pooling when it records none) of at least ``int8_min_cosine`` (default 0.98), and fp32 by the max abs diff as
+every task. Measured on the shared MiniLM (64 SST-2 sentences, mean pooling): dynamic int8 reaches 0.955 per
+tensor (rejected) and 0.990 per channel.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..inference import SUPPORTED_TASKS, build_feed, create_session, load_tokenizer
+from ..inference import DEFAULT_POOLING, SUPPORTED_TASKS, build_feed, create_session, load_tokenizer, pool_numpy
 from .evaluation import IGNORE_INDEX, EvalSet
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ MIN_ATOL = 1e-5  # floor for models whose logits are all near zero
 FP32_MIN_ARGMAX_AGREEMENT = 1.0
 INT8_MIN_ARGMAX_AGREEMENT = 0.9
 INT8_MAX_ACCURACY_DROP = 1.0  # accuracy points
-INT8_MIN_COSINE = 0.99  # feature extraction: mean cosine of int8 token vectors to PyTorch fp32's
+INT8_MIN_COSINE = 0.98  # feature extraction: mean cosine of int8 sentence embeddings to PyTorch fp32's
 
 
 class ParityError(ValueError):
@@ -78,7 +79,8 @@ class Tally:
     reference_correct: int = 0
     correct: int = 0
     scored: int = 0
-    cosine_sum: float = 0.0  # feature extraction: sum of per-token cosines to PyTorch, and their count
+    pooling: Mapping[str, Any] | None = None  # feature extraction: how embeddings are pooled (None: DEFAULT_POOLING)
+    cosine_sum: float = 0.0  # feature extraction: sum of the embeddings' cosines to PyTorch's, and their count
     vectors: int = 0
 
     def add(self, task: str, reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], mask: np.ndarray,
@@ -90,9 +92,11 @@ class Tally:
             if valid.size:
                 self.max_abs_diff = max(self.max_abs_diff, float(np.abs(valid - other).max()))
                 self.logit_scale = max(self.logit_scale, float(np.abs(valid).max()))
-        if task == "feature-extraction":  # no predictions: how closely the token vectors point the same way
-            self.cosine_sum += float(_cosines(reference[0][mask == 1], candidate[0][mask == 1]).sum())
-            self.vectors += int((mask == 1).sum())
+        if task == "feature-extraction":  # no predictions: how closely the sentence embeddings point the same way
+            pooling = self.pooling or DEFAULT_POOLING
+            expected, actual = (pool_numpy(o[0], mask, pooling["mode"], pooling["normalize"]) for o in (reference, candidate))
+            self.cosine_sum += float(_cosines(expected, actual).sum())
+            self.vectors += len(expected)
             return
         expected_ids, actual_ids = _predictions(task, reference, mask), _predictions(task, candidate, mask)
         self.agreeing += int((expected_ids == actual_ids).sum())
@@ -121,7 +125,7 @@ class ParityResult:
     reference_accuracy: float | None = None  # PyTorch fp32 on the evaluation set
     accuracy: float | None = None  # this ONNX file on the evaluation set
     max_accuracy_drop: float | None = None  # points; None: accuracy is not judged
-    mean_cosine: float | None = None  # feature extraction: mean cosine of the token vectors to PyTorch fp32's
+    mean_cosine: float | None = None  # feature extraction: mean cosine of the sentence embeddings to PyTorch fp32's
     min_mean_cosine: float | None = None  # None: the cosine is not judged
     problems: list[str] = field(default_factory=list)  # why it did not pass
 
@@ -186,7 +190,8 @@ def _predictions(task: str, outputs: Sequence[np.ndarray], mask: np.ndarray) -> 
     return outputs[0].argmax(-1)[mask == 1]
 
 
-def tally_samples(model: torch.nn.Module, onnx_path: Path, task: str, inputs: dict[str, np.ndarray]) -> Tally:
+def tally_samples(model: torch.nn.Module, onnx_path: Path, task: str, inputs: dict[str, np.ndarray],
+                  pooling: Mapping[str, Any] | None = None) -> Tally:
     """Compare PyTorch and ONNX Runtime on the sample batch. Causal LMs exported with a cache are also
     compared on a second step that feeds the first step's cache back with one more token."""
     session = create_session(onnx_path)
@@ -195,7 +200,7 @@ def tally_samples(model: torch.nn.Module, onnx_path: Path, task: str, inputs: di
     mask = feed.get("attention_mask", inputs["attention_mask"])
     onnx_outputs = session.run(None, feed)
     torch_outputs, torch_cache = _torch_outputs(model, feed, output_names)
-    tally = Tally()
+    tally = Tally(pooling=pooling)
     tally.add(task, torch_outputs, onnx_outputs[:len(output_names)], mask)
     if torch_cache is not None:  # second step through the cache
         next_ids = np.asarray(torch_outputs[0][:, -1].argmax(-1), dtype=np.int64)[:, None]
@@ -208,13 +213,13 @@ def tally_samples(model: torch.nn.Module, onnx_path: Path, task: str, inputs: di
     return tally
 
 
-def tally_eval_set(model: torch.nn.Module, onnx_paths: Mapping[str, Path], task: str, eval_set: EvalSet
-                   ) -> dict[str, Tally]:
+def tally_eval_set(model: torch.nn.Module, onnx_paths: Mapping[str, Path], task: str, eval_set: EvalSet,
+                   pooling: Mapping[str, Any] | None = None) -> dict[str, Tally]:
     """Compare each ONNX file with PyTorch on every batch of `eval_set` (PyTorch runs once per batch), scoring
     both against the labels."""
     sessions = {name: create_session(path) for name, path in onnx_paths.items()}
     output_names = SUPPORTED_TASKS[task].output_names
-    tallies = {name: Tally() for name in onnx_paths}
+    tallies = {name: Tally(pooling=pooling) for name in onnx_paths}
     for batch, labels in zip(eval_set.batches, eval_set.labels):
         reference = None
         for name, session in sessions.items():
@@ -234,7 +239,7 @@ def judge(tally: Tally, precision: str, criteria: ParityCriteria, source: str, o
     """The verdict on one file. fp32: max abs diff within tolerance (and full argmax agreement on samples).
     int8 on the evaluation set: accuracy drop within `int8_max_accuracy_drop` points (and the max abs diff
     within `int8_atol` when one is given); on samples: max abs diff within tolerance and argmax agreement of at
-    least `int8_min_agreement`. Feature extraction, int8: the mean cosine of the token vectors of at least
+    least `int8_min_agreement`. Feature extraction, int8: the mean cosine of the sentence embeddings of at least
     `int8_min_cosine` (and the max abs diff when `int8_atol` is given)."""
     given = criteria.fp32_atol if precision == "fp32" else criteria.int8_atol
     vectors = tally.vectors > 0
@@ -275,8 +280,9 @@ def _problems(result: ParityResult) -> list[str]:
                         f": drop of {drop:.2f} points > int8_max_accuracy_drop (--int8_max_accuracy_drop)="
                         f"{result.max_accuracy_drop:g}")
     if result.min_mean_cosine is not None and result.mean_cosine is not None and result.mean_cosine < result.min_mean_cosine:
-        problems.append(f"mean cosine of the token vectors to PyTorch fp32 {result.mean_cosine:.4f} < int8_min_cosine "
-                        f"(--int8_min_cosine)={result.min_mean_cosine:g}")
+        problems.append(f"mean cosine of the sentence embeddings to PyTorch fp32's {result.mean_cosine:.4f} < "
+                        f"int8_min_cosine (--int8_min_cosine)={result.min_mean_cosine:g} (per_channel=True, "
+                        "--per_channel, usually keeps embeddings closer)")
     return problems
 
 
