@@ -151,6 +151,17 @@ def trained_beside(intermediate: Any, encoder: Optional[EncoderTask]) -> Optiona
     return encoder.trainable(intermediate)
 
 
+def encoder_recipe(recipe: dict[str, Any], encoder: Optional[EncoderTask]) -> dict[str, Any]:
+    """The recipe of an encoder-task run: its loss terms without kd and ce (which do not exist there), and the
+    embedding term (weight, loss, pooling, projection widths); other recipes are returned unchanged."""
+    if encoder is None:
+        return recipe
+    losses = {name: term for name, term in recipe.get("losses", {}).items() if name not in ("kd", "ce")}
+    if encoder.embedding is not None:
+        losses["embedding"] = encoder.embedding.describe()
+    return {**recipe, "losses": losses}
+
+
 def encoder_metrics(encoder: Optional[EncoderTask], prefix: str) -> dict[str, float]:
     """The encoder task's evaluation metrics ({} for the tasks with logits)."""
     return {} if encoder is None else encoder.pop_metrics(prefix)

@@ -37,7 +37,7 @@ from .arguments import DistillationArguments
 from .lm.generation import draw_on_policy, generate_on_policy_batch
 from .collator import TeacherColumnsCollator
 from .cross_tokenizer import ALIGNMENT_COLUMNS, CrossTokenizerLoss
-from .encoder_tasks import build_encoder_task, encoder_metrics, save_encoder_files, trained_beside
+from .encoder_tasks import build_encoder_task, encoder_metrics, encoder_recipe, save_encoder_files, trained_beside
 from .faults import FaultToleranceMixin
 from .intermediate import build_intermediate_terms
 from .logit_terms import logit_terms
@@ -414,7 +414,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
     # ------------------------------------------------------------------ saving, card and Hub
     def recipe(self) -> dict[str, Any]:
         """What the run did, as plain data: written to ``distillation/recipe.json`` beside the student."""
-        return build_recipe(self)
+        return encoder_recipe(build_recipe(self), self.encoder)  # the encoder tasks: no kd / ce, + embedding
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """Save the student as a plain `from_pretrained` folder, and the recipe under ``distillation/``."""

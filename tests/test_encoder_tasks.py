@@ -79,6 +79,8 @@ def test_feature_extraction_trains_on_the_intermediate_terms_only(tmp_path):
     assert not any("projection" in key for key in saved)
     assert (tmp_path / "student" / "distillation" / "projections.safetensors").is_file()
     assert not (tmp_path / "student" / "modules.json").exists()
+    recipe = json.loads((tmp_path / "student" / "distillation" / "recipe.json").read_text())
+    assert recipe["task"] == "feature-extraction" and set(recipe["losses"]) == {"hidden", "relation"}  # no kd / ce
 
 
 def test_general_then_task_distillation_on_a_tiny_bert(tmp_path):
@@ -192,6 +194,9 @@ def test_sentence_embedding_projection_trains_saves_apart_and_resumes(tmp_path):
     pooling = json.loads((checkpoint / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_cls_token"] and not pooling["pooling_mode_mean_tokens"]
     assert pooling["word_embedding_dimension"] == 32 and not (checkpoint / "2_Normalize").exists()
+    recipe = json.loads((checkpoint / "distillation" / "recipe.json").read_text())
+    assert recipe["losses"] == {"embedding": {"pooling": {"mode": "cls", "normalize": False}, "loss": "mse",
+                                              "weight": 1.0, "projection": [32, 48]}}
     fresh = DistillationTrainer(model=_bert(hidden=32, layers=1, seed=1), teacher_model=teacher, args=args,
                                 train_dataset=data, processing_class=tokenizer)
     assert not torch.equal(fresh.encoder.embedding.projection.linear.weight, projection.linear.weight)
@@ -249,3 +254,25 @@ def test_shared_minilm_distil_save_reload_trim_export(tmp_path):
     assert result.parity["int8"].mean_cosine > 0.9 and result.pooling == {"mode": "mean", "normalize": True}
     got = load_onnx_pipeline(tmp_path / "trimmed" / "onnx", quantized=False)(texts[64:72])
     assert abs(got - expected).max() < 1e-4  # trimming and export change nothing on text whose tokens are kept
+
+
+def test_sentence_embedding_step_is_the_same_with_gradient_accumulation(tmp_path):
+    """Batch 8 in one micro-batch or 4 × 2 accumulated: the same SGD step of the student and the projection."""
+    data, tokenizer = _data(8)
+    teacher = _bert(hidden=48, seed=0)
+    results = []
+    for batch, steps in ((8, 1), (4, 2)):
+        args = _args(tmp_path / str(batch), "sentence-embedding", embedding_pooling="mean", hidden_weight=0.5,
+                     per_device_train_batch_size=batch, gradient_accumulation_steps=steps, max_steps=1, optim="sgd",
+                     learning_rate=0.5, logging_steps=1)
+        trainer = DistillationTrainer(model=_bert(hidden=32, layers=1, seed=1), teacher_model=teacher, args=args,
+                                      train_dataset=data, processing_class=tokenizer)
+        initial = trainer.encoder.embedding.projection.linear.weight.detach().clone()
+        trainer.train()
+        assert (trainer.encoder.embedding.projection.linear.weight - initial).abs().max() > 1e-4  # it trained
+        results.append((dict(trainer.model.named_parameters()), trainer.encoder.embedding.projection.linear.weight,
+                        _losses(trainer, "loss_embedding")[0]))
+    (one, p_one, l_one), (two, p_two, l_two) = results
+    assert l_one == pytest.approx(l_two, rel=1e-5)
+    assert torch.allclose(p_one, p_two, atol=1e-6)
+    assert all(torch.allclose(one[name], two[name], atol=1e-6) for name in one)
