@@ -93,6 +93,9 @@ class EncoderTask(nn.Module):
         feature-extraction, whose loss is the intermediate terms alone. Evaluation keeps the embeddings."""
         if self.embedding is None:
             return torch.zeros((), device=inputs["input_ids"].device), {}
+        if not teacher_outputs:
+            raise ValueError("distillation_task='sentence-embedding' needs the live teacher's hidden states, but the "
+                             "batch carries cached teacher outputs (logits) instead: remove those dataset columns")
         mask = inputs.get("attention_mask")
         sums = self.embedding(student_outputs, teacher_outputs[0], mask, inputs.get("teacher_attention_mask", mask),
                               collect=not training)

@@ -8,6 +8,8 @@ One training step (see ARCHITECTURE.md)::
     loss = alpha · KD(teacher ‖ student; T) · T² + (1 − alpha) · CE(student, labels)
          + w_hidden · L_hidden + w_attention · L_attention + w_relation · L_relation
 
+The encoder tasks (feature-extraction, sentence-embedding: ``encoder_tasks.py``) have no KD or CE term: their loss is
+``w_embedding · L_embedding`` (sentence-embedding) plus the intermediate terms.
 alpha and T may follow schedules; with several teachers KD reads their mixture (or sums one KD per
 teacher); the intermediate terms read ``hidden_states`` / ``attentions`` of the same two forwards.
 
