@@ -10,6 +10,10 @@ The folder is the one `hf_distill.export.export_onnx` writes (`model.onnx`, `mod
     classify = load_onnx_pipeline("outputs/student/onnx")  # int8 by default
     classify("a gripping, funny film")                     # [{'label': 'positive', 'score': 0.97}]
 
+A headless or sentence-embedding student exports as ``feature-extraction`` (``last_hidden_state``); its pipeline
+returns one sentence embedding per text, pooled as the student's folder recorded (sentence-transformers files),
+or mean-pooled without normalisation when it recorded none.
+
 An int8 file that failed the export's check is moved to `rejected/` and is never loaded by default: asking for
 int8 from such a folder raises an error that says why it was rejected and how to load fp32.
 
@@ -32,6 +36,7 @@ FP32_FILE_NAME = "model.onnx"
 INT8_FILE_NAME = "model_quantized.onnx"
 EXPORT_INFO_FILE_NAME = "export_info.json"
 REJECTED_FOLDER_NAME = "rejected"  # where the exporter moves an int8 file that failed its check
+DEFAULT_POOLING = {"mode": "mean", "normalize": False}  # feature extraction, when the folder records no pooling
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ SUPPORTED_TASKS: dict[str, TaskSpec] = {
         TaskSpec("question-answering", ("ForQuestionAnswering",), ("start_logits", "end_logits"),
                  "question-answering", False),
         TaskSpec("causal-lm", ("ForCausalLM", "LMHeadModel"), ("logits",), "text-generation-with-past", True),
+        TaskSpec("feature-extraction", ("Model",), ("last_hidden_state",), "feature-extraction", True),
     )
 }
 TASK_ALIASES = {
@@ -62,6 +68,8 @@ TASK_ALIASES = {
     "qa": "question-answering",
     "text-generation": "causal-lm",
     "text-generation-with-past": "causal-lm",
+    "sentence-embedding": "feature-extraction",
+    "sentence-similarity": "feature-extraction",
 }
 
 
@@ -91,6 +99,8 @@ def detect_task(config: Any) -> str:
         task = task_of_class_name(architecture)
         if task in SUPPORTED_TASKS:
             return task
+    if any(str(architecture).endswith("Model") for architecture in architectures):
+        return "feature-extraction"  # a headless model (BertModel, ...): its last hidden state
     suffixes = ", ".join(suffix for spec in SUPPORTED_TASKS.values() for suffix in spec.architecture_suffixes)
     raise UnsupportedTaskError(
         f"cannot export architecture(s) {architectures or 'none listed in config.json'}: supported model classes "
@@ -210,6 +220,25 @@ def _softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return exp / exp.sum(axis=axis, keepdims=True)
 
 
+def pool_numpy(hidden: np.ndarray, attention_mask: np.ndarray, mode: str = "mean", normalize: bool = False
+               ) -> np.ndarray:
+    """``[B, T, H]`` token vectors to ``[B, H]``: the mean, the first real token (cls) or the feature-wise max of
+    the real tokens (``attention_mask`` 1), then ``e / max(||e||, 1e-12)`` when ``normalize`` (as training pools)."""
+    real = np.asarray(attention_mask)[..., None] > 0
+    hidden = hidden.astype(np.float64)
+    if mode == "mean":
+        pooled = np.where(real, hidden, 0.0).sum(1) / np.maximum(real.sum(1), 1)
+    elif mode == "cls":
+        pooled = hidden[np.arange(hidden.shape[0]), real[..., 0].argmax(1)]
+    elif mode == "max":
+        pooled = np.where(real, hidden, -np.inf).max(1)
+    else:
+        raise ValueError(f"pooling mode must be mean, cls or max, got {mode!r} (export_info.json 'pooling')")
+    if normalize:
+        pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return pooled
+
+
 class OnnxPipeline:
     """A `pipeline`-like callable over an exported folder, run with ONNX Runtime.
 
@@ -217,6 +246,8 @@ class OnnxPipeline:
     - token-classification: `pipe("text")` -> one `{"token", "label", "score", "start", "end"}` per token.
     - question-answering: `pipe(question=..., context=...)` -> `{"answer", "score", "start", "end"}`.
     - causal-lm (text generation): `pipe("prompt", max_new_tokens=20)` -> `[{"generated_text"}]` (greedy).
+    - feature-extraction: `pipe("text")` or `pipe([...])` -> a `[N, H]` float32 array of sentence embeddings
+      (`embed`); `run(**encoded)["last_hidden_state"]` gives the token vectors.
     """
 
     def __init__(self, folder: str | os.PathLike, quantized: bool = True, *, threads: int | None = None,
@@ -243,6 +274,7 @@ class OnnxPipeline:
         self.session = create_session(self.model_path, threads)
         self.output_names = [output.name for output in self.session.get_outputs()]
         self.id2label = {int(key): value for key, value in (getattr(self.config, "id2label", None) or {}).items()}
+        self.pooling = read_export_info(self.folder).get("pooling") or DEFAULT_POOLING
 
     def run(self, **encoded: Any) -> dict[str, np.ndarray]:
         """Raw outputs by name for already tokenized inputs."""
@@ -253,6 +285,8 @@ class OnnxPipeline:
             return self.classify(inputs)
         if self.task == "token-classification":
             return self.tag_tokens(inputs)
+        if self.task == "feature-extraction":
+            return self.embed(inputs)
         if self.task == "question-answering":
             if isinstance(inputs, Mapping):
                 kwargs = {**inputs, **kwargs}
@@ -273,6 +307,16 @@ class OnnxPipeline:
         best = probabilities.argmax(-1)
         return [{"label": self._label(int(index)), "score": float(row[index])}
                 for row, index in zip(probabilities, best)]
+
+    def embed(self, texts: str | Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Sentence embeddings ``[N, H]``: the last hidden state pooled (``self.pooling``: mode, normalize)."""
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        parts = []
+        for start in range(0, len(batch), batch_size):
+            encoded = self._encode(batch[start:start + batch_size])
+            hidden = self.run(**encoded)["last_hidden_state"]
+            parts.append(pool_numpy(hidden, encoded["attention_mask"], self.pooling["mode"], self.pooling["normalize"]))
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), dtype=np.float32)
 
     def tag_tokens(self, texts: str | Sequence[str]) -> list:
         """Per-token labels (special tokens left out); a list of texts gives one list per text."""

@@ -8,6 +8,8 @@ One training step (see ARCHITECTURE.md)::
     loss = alpha · KD(teacher ‖ student; T) · T² + (1 − alpha) · CE(student, labels)
          + w_hidden · L_hidden + w_attention · L_attention + w_relation · L_relation
 
+The encoder tasks (feature-extraction, sentence-embedding: ``encoder_tasks.py``) have no KD or CE term: their loss is
+``w_embedding · L_embedding`` (sentence-embedding) plus the intermediate terms.
 alpha and T may follow schedules; with several teachers KD reads their mixture (or sums one KD per
 teacher); the intermediate terms read ``hidden_states`` / ``attentions`` of the same two forwards.
 
@@ -38,6 +40,7 @@ from .lm.fused_step import FusedLMLoss
 from .lm.generation import draw_on_policy, generate_on_policy_batch
 from .collator import TeacherColumnsCollator
 from .cross_tokenizer import ALIGNMENT_COLUMNS, CrossTokenizerLoss
+from .encoder_tasks import build_encoder_task, encoder_metrics, encoder_recipe, save_encoder_files, trained_beside
 from .faults import FaultToleranceMixin
 from .intermediate import build_intermediate_terms
 from .logit_terms import logit_terms
@@ -116,6 +119,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         self.teachers = [teacher for teacher, _ in placed]
         self._teacher_summaries = [summary for _, summary in placed]  # taken before sharding
         self.teacher = self.teachers[args.intermediate_teacher] if self.teachers else None
+        self.encoder = build_encoder_task(self.task, args, self.model, self.teachers, self.teacher_name_or_path)
         if self.teacher is None and not self.cache.present:
             raise ValueError(
                 "No teacher: pass `teacher_model` (a model, folder or Hub id), or cache its outputs into the "
@@ -164,7 +168,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
     @property
     def extra_trainable(self) -> Optional[nn.Module]:
         """Modules trained beside the student (the learned projections), or None."""
-        return None if self.intermediate is None else self.intermediate.projections
+        return trained_beside(self.intermediate, getattr(self, "encoder", None))
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         """The stock optimizer, plus a parameter group for the learned projections (no weight decay)."""
@@ -272,7 +276,10 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         student_logits = task_logits(student_outputs, self.task)
         temperature, alpha = self.current_temperature(), self.current_alpha()
         items, examples = self._normalisers(inputs, record, model.training)
-        if alignment is not None:  # cross-tokenizer: alpha · Σ_groups L_g + (1 − alpha) · CE (cross_tokenizer.py)
+        if self.encoder is not None:  # no logits (encoder_tasks.py): the embedding term, or none beside the intermediate
+            targets = [((None,), 1.0)]
+            loss_sum, term_sums = self.encoder.terms(student_outputs, teacher_outputs, inputs, model.training)
+        elif alignment is not None:  # cross-tokenizer: alpha · Σ_groups L_g + (1 − alpha) · CE (cross_tokenizer.py)
             targets = [((None,), 1.0)]
             loss_sum, term_sums = self.cross.logit_terms(student_logits, teacher_outputs[0].logits, inputs, alignment,
                                                          alpha, temperature, self.args.scale_by_temperature_squared)
@@ -406,6 +413,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             output.metrics[f"{prefix}_teacher_agreement"] = counts["agree"] / counts["rows"]
         if counts.get("labelled"):
             output.metrics[f"{prefix}_teacher_accuracy"] = counts["teacher_correct"] / counts["labelled"]
+        output.metrics.update(encoder_metrics(self.encoder, prefix))  # sentence-embedding: mean cosine, Spearman
         batches = len(args[0]) if args and hasattr(args[0], "__len__") else 1
         for name, value in self.term_log.pop_eval(self._reduce, batches).items():
             output.metrics[f"{prefix}_{name}"] = value
@@ -414,7 +422,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
     # ------------------------------------------------------------------ saving, card and Hub
     def recipe(self) -> dict[str, Any]:
         """What the run did, as plain data: written to ``distillation/recipe.json`` beside the student."""
-        return build_recipe(self)
+        return encoder_recipe(build_recipe(self), self.encoder)  # the encoder tasks: no kd / ce, + embedding
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """Save the student as a plain `from_pretrained` folder, and the recipe under ``distillation/``."""
@@ -422,6 +430,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             super()._save(target, state_dict=state_dict)
             ema = self.teacher if self._saving_checkpoint and self.args.self_distillation == "ema" else None
             write_distillation_folder(target, self.recipe(), self.extra_trainable, ema)
+            save_encoder_files(target, self.encoder, self.processing_class)  # sentence-embedding: the pooling
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         """Restore the student (stock), and the learned projections and EMA teacher of the checkpoint."""

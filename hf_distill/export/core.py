@@ -48,6 +48,7 @@ class ExportResult:
     rejected_int8_path: Path | None = None  # where a rejected int8 file was moved (never loaded by default)
     ort_paths: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    pooling: dict[str, Any] | None = None  # feature extraction: the sentence-transformers pooling of the model folder
 
     @property
     def int8_accepted(self) -> bool:
@@ -166,6 +167,7 @@ class _Plan:
     task: str
     backend: str
     backend_reason: str
+    pooling: dict[str, Any] | None = None
 
 
 def _plan(model_dir: str | os.PathLike, output_dir: str | os.PathLike | None, task: str | None, backend: str) -> _Plan:
@@ -175,7 +177,19 @@ def _plan(model_dir: str | os.PathLike, output_dir: str | os.PathLike | None, ta
     chosen, reason = choose_backend(backend)
     logger.info("ONNX export backend: %s (%s)", chosen, reason)
     output_dir = Path(output_dir) if output_dir is not None else model_dir / "onnx"
-    return _Plan(model_dir, output_dir, config, task, chosen, reason)
+    return _Plan(model_dir, output_dir, config, task, chosen, reason, _folder_pooling(model_dir, task))
+
+
+def _folder_pooling(model_dir: Path, task: str) -> dict[str, Any] | None:
+    """The pooling a sentence-embedding student's folder records (sentence-transformers files), else None."""
+    if task != "feature-extraction":
+        return None
+    from ..sentence_embeddings import read_pooling
+
+    try:
+        return read_pooling(model_dir).to_dict()
+    except ValueError:
+        return None
 
 
 def _prepare_eval_set(plan: _Plan, eval_dataset: Any, criteria: parity.ParityCriteria) -> EvalSet | None:
@@ -204,7 +218,7 @@ def _export_fp32(plan: _Plan, opset: int, per_channel: bool) -> tuple[ExportResu
         output_dir=plan.output_dir, model_path=model_path, quantized_path=None, task=plan.task, backend=plan.backend,
         backend_reason=plan.backend_reason, opset=opset, with_past=facts["with_past"],
         external_data=facts["external_data"], quantization_preset=None, per_channel=per_channel,
-        fp32_size_bytes=quantization.onnx_size_bytes(model_path), int8_size_bytes=None,
+        fp32_size_bytes=quantization.onnx_size_bytes(model_path), int8_size_bytes=None, pooling=plan.pooling,
     )
     return result, facts
 
@@ -229,10 +243,11 @@ def _check_parity(result: ExportResult, plan: _Plan, criteria: parity.ParityCrit
     reference = torch_backend.load_torch_model(plan.model_dir, plan.task)
     paths = {"fp32": result.model_path, **({"int8": result.quantized_path} if result.quantized_path else {})}
     if eval_set is not None:
-        tallies, source = parity.tally_eval_set(reference, paths, plan.task, eval_set), eval_set.source
+        tallies, source = parity.tally_eval_set(reference, paths, plan.task, eval_set, plan.pooling), eval_set.source
     else:
         inputs, source = parity.sample_inputs(plan.model_dir, plan.config, sample_texts)
-        tallies = {name: parity.tally_samples(reference, path, plan.task, inputs) for name, path in paths.items()}
+        tallies = {name: parity.tally_samples(reference, path, plan.task, inputs, plan.pooling)
+                   for name, path in paths.items()}
     for precision, tally in tallies.items():
         verdict = parity.judge(tally, precision, criteria, source, on_eval_set=eval_set is not None)
         result.parity[precision] = verdict
@@ -269,6 +284,7 @@ def export_onnx(
     parity_atol: float | None = None,
     int8_parity_atol: float | None = None,
     int8_min_agreement: float = parity.INT8_MIN_ARGMAX_AGREEMENT,
+    int8_min_cosine: float = parity.INT8_MIN_COSINE,
     sample_texts: Sequence[str] | None = None,
     ort_format: bool = False,
 ) -> ExportResult:
@@ -283,12 +299,17 @@ def export_onnx(
     `hf_distill.export.evaluation`) when given, else on `sample_texts` (or built-in sentences). Max abs diff
     tolerances default to a fraction of the logit scale (`parity_atol` / `int8_parity_atol` set absolute ones).
     int8 is accepted when its accuracy on the eval set is at most `int8_max_accuracy_drop` points below
-    PyTorch's (without an eval set: argmax agreement >= `int8_min_agreement`). A rejected int8 file is moved to
+    PyTorch's (without an eval set: argmax agreement >= `int8_min_agreement`). A headless or sentence-embedding
+    model (task `feature-extraction`, alias `sentence-embedding`) exports `last_hidden_state`; its int8 file is
+    accepted when the mean cosine of its sentence embeddings to PyTorch fp32's is >= `int8_min_cosine`, and the
+    folder's sentence-transformers pooling is recorded in `export_info.json` for `load_onnx_pipeline`.
+    A rejected int8 file is moved to
     `<output_dir>/rejected/`; the verdict is `result.int8_accepted` and `result.parity["int8"]`, and nothing
     else is removed. `ParityError` is raised only when fp32 parity fails.
     """
     started = time.perf_counter()
-    criteria = parity.ParityCriteria(parity_atol, int8_parity_atol, int8_min_agreement, int8_max_accuracy_drop)
+    criteria = parity.ParityCriteria(parity_atol, int8_parity_atol, int8_min_agreement, int8_max_accuracy_drop,
+                                     int8_min_cosine)
     plan = _plan(model_dir, output_dir, task, backend)
     eval_set = _prepare_eval_set(plan, eval_dataset, criteria)
     result, facts = _export_fp32(plan, opset, per_channel)

@@ -7,6 +7,7 @@ into batches with the labels each task is scored on.
   first sub-token of each word.
 - causal-lm: `text` (or `prompt` and `completion`, joined); scored on next-token prediction at every
   position that has a next token.
+- feature-extraction: `text`; no labels (the int8 model is judged by how closely its token vectors match).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ COLUMNS = {  # task -> (required columns, optional columns, alternatives for the
     "sequence-classification": (("text", "label"), ("text_pair",), {"label": ("label", "labels")}),
     "token-classification": (("tokens", "labels"), (), {"labels": ("labels", "ner_tags")}),
     "causal-lm": (("text",), (), {}),
+    "feature-extraction": (("text",), (), {}),
 }
 
 
@@ -35,7 +37,7 @@ class EvalSet:
     """Tokenized batches (numpy, as ONNX Runtime takes them) and per-batch labels (`IGNORE_INDEX` = not scored)."""
 
     batches: list[dict[str, np.ndarray]]
-    labels: list[np.ndarray]
+    labels: list[np.ndarray | None]  # None: the batch is compared with PyTorch, not scored (feature extraction)
     num_rows: int
 
     @property
@@ -141,8 +143,15 @@ def _text_generation(columns: dict[str, list], tokenizer: Any, config: Any, star
     return encoded, labels
 
 
+def _feature_extraction(columns: dict[str, list], tokenizer: Any, config: Any, start: int, stop: int,
+                        max_length: int) -> tuple[dict[str, np.ndarray], None]:
+    encoded = tokenizer(columns["text"][start:stop], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="np")
+    return _numpy(encoded), None
+
+
 BATCH_BUILDERS = {"sequence-classification": _classification, "token-classification": _token_classification,
-                  "causal-lm": _text_generation}
+                  "causal-lm": _text_generation, "feature-extraction": _feature_extraction}
 
 
 def build_eval_set(eval_dataset: Any, task: str, tokenizer: Any, config: Any,

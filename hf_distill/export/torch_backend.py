@@ -37,6 +37,7 @@ def auto_model_class(task: str) -> type:
         "token-classification": "AutoModelForTokenClassification",
         "question-answering": "AutoModelForQuestionAnswering",
         "causal-lm": "AutoModelForCausalLM",
+        "feature-extraction": "AutoModel",  # headless: last_hidden_state
     }
     return getattr(transformers, names[task])
 
