@@ -65,9 +65,12 @@ STUDENT_FILES = (
     "report.png",
     "report.md",
     "report.json",
+    "modules.json",  # sentence-transformers: the modules of a sentence-embedding student (its pooling)
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 )
-#: Folders pushed whole (recursively), when present.
-PUSHED_FOLDERS = ("onnx",)
+#: Folders pushed whole (recursively), when present (``2_Normalize/`` is empty: sentence-transformers needs no file).
+PUSHED_FOLDERS = ("onnx", "1_Pooling")
 #: Never pushed, even inside a pushed folder.
 NEVER_PUSHED = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json",
                 "*teacher*", "rejected")  # rejected: an int8 export that failed its check (export_onnx)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import HfArgumentParser  # noqa: E402
 
 from hf_distill.export import BenchmarkSettings, ExportResult, benchmark_models, export_onnx, write_report  # noqa: E402
-from hf_distill.export.parity import INT8_MAX_ACCURACY_DROP, INT8_MIN_ARGMAX_AGREEMENT  # noqa: E402
+from hf_distill.export.parity import INT8_MAX_ACCURACY_DROP, INT8_MIN_ARGMAX_AGREEMENT, INT8_MIN_COSINE  # noqa: E402
 
 
 @dataclass
@@ -34,7 +34,8 @@ class ExportArguments:
     model_dir: str = field(metadata={"help": "Saved model folder (config.json, weights, tokenizer)."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Where to write; default <model_dir>/onnx."})
     task: Optional[str] = field(default=None, metadata={
-        "help": "sequence-classification, token-classification, question-answering or causal-lm (alias text-generation); "
+        "help": "sequence-classification, token-classification, question-answering, causal-lm (alias text-generation), "
+                "feature-extraction or sentence-embedding (last_hidden_state; pooled by load_onnx_pipeline); "
                 "default: from config.architectures."})
     quantize: bool = field(default=True, metadata={"help": "Also write the dynamic int8 model_quantized.onnx."})
     per_channel: bool = field(default=False, metadata={"help": "Per-channel weight quantization."})
@@ -49,6 +50,9 @@ class ExportArguments:
         "help": "With --eval_file: accuracy points int8 may lose against PyTorch fp32 and still be kept."})
     int8_min_agreement: float = field(default=INT8_MIN_ARGMAX_AGREEMENT, metadata={
         "help": "Without --eval_file: int8 argmax agreement with PyTorch required on the sample texts."})
+    int8_min_cosine: float = field(default=INT8_MIN_COSINE, metadata={
+        "help": "Feature extraction / sentence embeddings: mean cosine of int8 sentence embeddings to PyTorch fp32's "
+                "required to keep int8 (per-channel quantization usually needs it: --per_channel true)."})
     ort_format: bool = field(default=False, metadata={"help": "Also write .ort files for mobile runtimes."})
     teacher: Optional[str] = field(default=None, metadata={"help": "Teacher folder: adds the report."})
     eval_file: Optional[str] = field(default=None, metadata={
@@ -81,6 +85,8 @@ def print_result(result: ExportResult) -> None:
                     if parity.accuracy is not None else "")
         print(f"  {precision} on {parity.inputs}: max abs diff {parity.max_abs_diff:.3g} (logit scale "
               f"{parity.logit_scale:.3g}), argmax agreement {parity.argmax_agreement:.1%}{accuracy}")
+        if parity.mean_cosine is not None:
+            print(f"  {precision}: mean cosine of sentence embeddings to PyTorch fp32 {parity.mean_cosine:.6f}")
     if result.int8_size_bytes:
         print(f"  size: {result.fp32_size_bytes / 1e6:.2f} MB fp32 -> {result.int8_size_bytes / 1e6:.2f} MB int8 "
               f"({result.quantization_preset} preset)")
@@ -96,7 +102,7 @@ def run(args: ExportArguments, settings: BenchmarkSettings) -> ExportResult:
                          per_channel=args.per_channel, backend=args.backend, opset=args.opset, eval_dataset=rows,
                          int8_max_accuracy_drop=args.int8_max_accuracy_drop, parity_atol=args.parity_atol,
                          int8_parity_atol=args.int8_parity_atol, int8_min_agreement=args.int8_min_agreement,
-                         ort_format=args.ort_format)
+                         int8_min_cosine=args.int8_min_cosine, ort_format=args.ort_format)
     print_result(result)
     if args.teacher or args.eval_file or args.report:
         labelled = bool(rows) and all("label" in row for row in rows)

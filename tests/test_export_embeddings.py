@@ -4,6 +4,7 @@ against PyTorch, int8 judged by the cosine of its token vectors, and a pipeline 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -131,3 +132,24 @@ def test_a_classifier_still_exports_as_before(tmp_path):
     result = export_onnx(tmp_path, backend="torch", quantize=False)
     assert result.task == "sequence-classification" and result.pooling is None
     assert result.parity["fp32"].mean_cosine is None
+
+
+def test_export_script_takes_int8_min_cosine_and_prints_the_cosine(tmp_path, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _save_headless(tmp_path / "student", PoolingSettings("mean", True))
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "export_onnx.py"
+    spec = importlib.util.spec_from_file_location("export_onnx", path)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["export_onnx"] = script
+    spec.loader.exec_module(script)
+    result = script.main(["--model_dir", str(tmp_path / "student"), "--backend", "torch", "--task", "feature-extraction",
+                          "--eval_file", str(eval_file), "--int8_min_cosine", "1.0", "--batch_sizes", "1",
+                          "--sequence_length", "16", "--runs", "3", "--warmup", "1"])
+    assert not result.int8_accepted  # the flag reached the judge: no int8 file has cosine 1.0 exactly
+    out = capsys.readouterr().out
+    assert re.search(r"int8: mean cosine of sentence embeddings to PyTorch fp32 [01]\.\d{6}", out), out[:3000]

@@ -410,3 +410,15 @@ def test_push_to_hub_honours_token_and_blocking(trainer_pushes) -> None:
     repo = stub.repos["me/token-argument"]
     assert record["value"]["url"] == f"{stub.endpoint}/me/token-argument/commit/{repo.commits[-1]['oid']}"
     assert set(stub.committed_paths("me/token-argument")) == _student_files()
+
+
+def test_a_sentence_embedding_student_is_pushed_with_its_pooling(tmp_path: Path) -> None:
+    from hf_distill.sentence_embeddings import PoolingSettings, write_sentence_transformers_files
+
+    run = make_run_folder(tmp_path / "run")
+    write_sentence_transformers_files(run, PoolingSettings("mean", True), embedding_dim=8)
+    pushed = set(files_to_push(run))
+    assert {"modules.json", "sentence_bert_config.json", "1_Pooling/config.json"} <= pushed
+    modules = json.loads((run / "modules.json").read_text())
+    needing_files = {m["path"] for m in modules if m["path"] and not m["path"].endswith("Normalize")}
+    assert all(any(p.startswith(folder + "/") for p in pushed) for folder in needing_files)

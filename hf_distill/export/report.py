@@ -154,7 +154,10 @@ class _TorchRunner:
             inputs["use_cache"] = False
         with torch.inference_mode():
             outputs = self.model(**inputs, return_dict=True)
-        return outputs["logits"].numpy() if "logits" in outputs else outputs["start_logits"].numpy()
+        for key in ("logits", "start_logits", "last_hidden_state"):  # the first output, as the ONNX runner's
+            if key in outputs:
+                return outputs[key].numpy()
+        raise KeyError(f"{type(self.model).__name__} returned none of logits, start_logits, last_hidden_state")
 
 
 class _OnnxRunner:
