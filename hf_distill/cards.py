@@ -215,6 +215,9 @@ def _key_hyperparameters(losses: Mapping[str, Any], arguments: Mapping[str, Any]
     kd = losses.get("kd") if isinstance(losses.get("kd"), Mapping) else {}
     ce = losses.get("ce") if isinstance(losses.get("ce"), Mapping) else {}
     found: list[tuple[str, str]] = []
+    if arguments.get("distillation_task") in ("feature-extraction", "sentence-embedding") and not kd:
+        arguments = {k: v for k, v in arguments.items()  # no logit terms: their settings are unused
+                     if k not in ("temperature", "alpha", "kd_temperature", "kd_alpha", "kd_divergence", "divergence")}
     temperature = kd.get("temperature", arguments.get("temperature", arguments.get("kd_temperature")))
     if temperature is not None:
         found.append(("Temperature", _fmt(temperature)))

@@ -166,3 +166,13 @@ def test_encoder_tasks_get_their_pipeline_tag(run: Path, task: str, pipeline: st
     recipe = json.loads((run / "distillation" / "recipe.json").read_text())
     recipe["task"] = task
     assert _header(str(render_model_card(run, recipe=recipe)))["pipeline_tag"] == pipeline
+
+
+def test_an_encoder_task_card_names_no_logit_settings(run: Path) -> None:
+    recipe = json.loads((run / "distillation" / "recipe.json").read_text())
+    recipe["task"] = recipe["arguments"]["distillation_task"] = "sentence-embedding"
+    recipe["arguments"].update(temperature=2.0, alpha=0.5)  # the defaults, recorded but unused
+    recipe["losses"] = {"embedding": {"weight": 1.0, "loss": "cosine", "pooling": "mean"}}
+    text = str(render_model_card(run, recipe=recipe))
+    assert "**Temperature:**" not in text and "**Alpha" not in text
+    assert "| embedding | `loss_embedding` | 1 |" in text
