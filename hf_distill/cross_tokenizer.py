@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .lm.alignment import IGNORE_INDEX, NO_GROUP, check_unaligned_share, require_fast_tokenizer, tokenizer_scheme
-from .lm.cross_tokenizer_data import ALIGNMENT_COLUMNS, CrossTokenizerCollator
+from .lm.cross_tokenizer_data import ALIGNMENT_COLUMNS, CrossTokenizerCollator, align_generated, teacher_prompt_ids
 from .losses.cross_tokenizer import VocabMapping, build_vocab_mapping, cross_tokenizer_group_losses, flatten_group_ids
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,6 @@ def refuse_incompatible(args: Any, task: str, teachers: list, cache_present: boo
                         "(set --hidden_weight, --attention_weight and --relation_weight to 0)")
     if len(teachers) > 1 or args.self_distillation != "none":
         problems.append("several teachers and self-distillation are not supported (give one teacher)")
-    if args.lmbda > 0:
-        problems.append("on-policy batches (--lmbda > 0) are not re-tokenized for the teacher yet (set --lmbda 0)")
     if args.distillation_loss != "forward_kl":
         problems.append(f"--distillation_loss {args.distillation_loss}: the shared-vocabulary groups use forward KL "
                         "(set --distillation_loss forward_kl, and choose --cross_tokenizer_loss hybrid or uld)")
@@ -73,6 +71,9 @@ class CrossTokenizerLoss:
     mode: str
     max_unaligned_share: float
     collator: CrossTokenizerCollator
+    student_tokenizer: Any = None
+    teacher_tokenizer: Any = None
+    same_tokenizer: bool = False  # identical vocabularies (aligned data given to identical tokenizers)
 
     @classmethod
     def build(cls, student_tokenizer: Any, teacher_tokenizer: Any, args: Any) -> "CrossTokenizerLoss":
@@ -90,7 +91,10 @@ class CrossTokenizerLoss:
                 for t in (student_tokenizer, teacher_tokenizer)]
         logger.info("Cross-tokenizer mode: %d vocabulary entries shared (student %d, teacher %d); loss %s.",
                     len(mapping), len(student_tokenizer), len(teacher_tokenizer), args.cross_tokenizer_loss)
-        return cls(mapping, args.cross_tokenizer_loss, args.max_unaligned_share, CrossTokenizerCollator(*pads))
+        same = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab() and \
+            tokenizer_scheme(student_tokenizer) == tokenizer_scheme(teacher_tokenizer)
+        return cls(mapping, args.cross_tokenizer_loss, args.max_unaligned_share, CrossTokenizerCollator(*pads),
+                   student_tokenizer, teacher_tokenizer, same)
 
     @classmethod
     def for_trainer(cls, trainer: Any, teachers: list, modes: set, teacher_tokenizer: Any) -> "CrossTokenizerLoss | None":
@@ -115,6 +119,24 @@ class CrossTokenizerLoss:
             logger.warning("Cross-tokenizer mode pads batches with CrossTokenizerCollator; the given data_collator (%s) "
                            "is not used.", type(given).__name__)
         return loss
+
+    def on_policy_batch(self, generated: dict[str, torch.Tensor], drawn: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The student's generated batch (``generate_on_policy_batch``) re-tokenized for the teacher and aligned.
+
+        Per row, the student keeps its prompt and sampled ids; the teacher gets its own prompt tokens of the drawn
+        batch (:func:`teacher_prompt_ids`) followed by its tokenization of the decoded completion text
+        (:func:`align_generated`). Returns the collated columns of ``tokenize_aligned`` on the student's device.
+        """
+        rows = []
+        for b, ids in enumerate(generated["input_ids"]):
+            length, start = int(generated["attention_mask"][b].sum()), int(generated["prompt_length"][b])
+            ids = ids[:length].tolist()
+            teacher_row = {k: drawn[k][b] for k in ("teacher_input_ids", "teacher_attention_mask", *ALIGNMENT_COLUMNS)}
+            rows.append(align_generated(self.student_tokenizer, self.teacher_tokenizer, ids[:start], ids[start:],
+                                        teacher_prompt_ids(teacher_row, self.teacher_tokenizer.eos_token_id),
+                                        self.same_tokenizer))
+        device = generated["input_ids"].device
+        return {k: v.to(device) for k, v in self.collator(rows).items()}
 
     def pop_alignment(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Take the alignment columns out of a batch (they are no model's inputs); check the unaligned share."""

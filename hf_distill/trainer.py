@@ -259,8 +259,11 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Optional[torch.Tensor] = None):
         record: Optional[StepRecord] = inputs.pop(STEP_RECORD_KEY, None)
+        drawn = inputs  # cross-tokenizer on-policy: the teacher's prompts come from the drawn batch
         if model.training and record is not None and record.on_policy:
             inputs, record = self.on_policy_inputs(model, inputs), None  # the generated batch counts its own items
+        if self.cross is not None and inputs is not drawn:  # the student's samples, re-tokenized for the teacher
+            inputs = self.cross.on_policy_batch(inputs, drawn)
         alignment = self.cross.pop_alignment(inputs) if self.cross is not None else None
         student_inputs, teacher_inputs, cached = self.split_inputs(inputs)
         # The teacher first: its activations are freed before the student's (kept for backward) are made.
