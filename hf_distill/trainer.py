@@ -274,7 +274,8 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         items, examples = self._normalisers(inputs, record, model.training)
         if alignment is not None:  # cross-tokenizer: alpha · Σ_groups L_g + (1 − alpha) · CE (cross_tokenizer.py)
             targets = [((None,), 1.0)]
-            loss_sum, term_sums = self.cross.logit_terms(student_logits, teacher_outputs[0].logits, inputs, alignment,
+            teacher = teacher_outputs[0].logits if teacher_outputs else cached  # live, or the aligned top-k cache
+            loss_sum, term_sums = self.cross.logit_terms(student_logits, teacher, inputs, alignment,
                                                          alpha, temperature, self.args.scale_by_temperature_squared)
         else:
             targets = self.teacher_targets(teacher_outputs, cached, temperature, student_logits.shape[-1])

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy
 import torch
 
 from .alignment import (IGNORE_INDEX, NO_GROUP, AlignedExample, SideEncoding, _pad, align_example, encode_completion,
@@ -195,6 +196,7 @@ class CrossTokenizerCollator:
 
     student_pad_token_id: int
     teacher_pad_token_id: int
+    topk_prefix: str = "teacher_topk"  # the aligned top-k cache's columns, padded when the rows carry them
 
     def padding(self) -> dict[str, tuple[Any, torch.dtype]]:
         """Each column's pad value and dtype."""
@@ -217,7 +219,23 @@ class CrossTokenizerCollator:
             )
         batch = {name: _pad([f[name] for f in features], value, dtype) for name, (value, dtype) in columns.items()}
         batch[PROMPT_LENGTH_COLUMN] = torch.tensor([_prompt_length(f["labels"]) for f in features], dtype=torch.long)
-        return batch
+        return {**batch, **self._cached(features, batch["teacher_input_ids"].shape[1])}
+
+    def _cached(self, features: Sequence[Mapping[str, Any]], length: int) -> dict[str, torch.Tensor]:
+        """The aligned top-k cache columns (``cache_aligned_teacher_topk``), padded to the teacher's length."""
+        out = {}
+        for suffix, dtype in (("log_probs", torch.float32), ("indices", torch.long), ("token_log_probs", torch.float32)):
+            name = f"{self.topk_prefix}_{suffix}"
+            if name in features[0]:
+                values = [torch.as_tensor(numpy.asarray(f[name])).to(dtype) for f in features]
+                padded = values[0].new_zeros((len(values), length, *values[0].shape[1:]))
+                for b, v in enumerate(values):
+                    padded[b, : len(v)] = v
+                out[name] = padded
+        name = f"{self.topk_prefix}_temperature"
+        if name in features[0]:
+            out[name] = torch.tensor([float(f[name]) for f in features])
+        return out
 
 
 def _prompt_length(labels: Sequence[int]) -> int:

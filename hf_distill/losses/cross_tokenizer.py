@@ -17,6 +17,13 @@ Per group, :func:`cross_tokenizer_group_losses` uses
 * otherwise **ULD** (Boizard et al. 2024, :func:`uld_distance`) between the group distributions of
   :func:`group_log_probs` (a multi-token group's text probability, on its first token's row).
 
+The teacher side is its logits, or (offline) a :class:`TopKTeacher` read from the aligned top-k cache: per
+row the k largest log-probabilities at ``T`` with their ids, and the log-probability of the row's own next
+token. Then the KL groups compare the shared entries among the k (the rest of the teacher's mass, in or out of
+the k, is the "other" bin) and ULD compares the sorted k values padded with zeros
+(:func:`topk_shared_forward_kl`, :func:`cross_tokenizer_group_losses`); with k = the teacher's vocabulary both
+equal the live losses.
+
 Only ``torch`` is imported here.
 """
 
@@ -102,6 +109,13 @@ class VocabMapping:
     def __len__(self) -> int:
         return int(self.student_ids.numel())
 
+    def teacher_to_student(self, size: int) -> Tensor:
+        """[max(size, max teacher id + 1)]: the student id of a shared teacher id, else -1."""
+        width = max(size, int(self.teacher_ids.max()) + 1 if len(self) else 1)
+        table = torch.full((width,), -1, dtype=torch.long)
+        table[self.teacher_ids] = self.student_ids
+        return table
+
     def pair_is_shared(self, student_token_ids: Tensor, teacher_token_ids: Tensor) -> Tensor:
         """True where the student token and the teacher token are the same shared entry."""
         table = self.student_to_teacher.to(student_token_ids.device)
@@ -175,6 +189,48 @@ def shared_vocab_forward_kl(
     return (p * (big_p - big_q)).masked_fill(p == 0, 0.0).sum(-1) * temperature**2
 
 
+class TopKTeacher(NamedTuple):
+    """The teacher's rows as an offline top-k cache: ``log_probs`` [N, k] (log-probabilities at T, decreasing),
+    ``indices`` [N, k] (their teacher ids) and ``token_log_probs`` [N] (log-probability at T of the token the row
+    predicts, i.e. of the teacher's own next token)."""
+
+    log_probs: Tensor
+    indices: Tensor
+    token_log_probs: Tensor
+
+    def rows(self, which: Tensor) -> "TopKTeacher":
+        """The rows selected by ``which`` (a mask or indices)."""
+        return TopKTeacher(self.log_probs[which], self.indices[which], self.token_log_probs[which])
+
+
+def topk_shared_forward_kl(student_logits: Tensor, teacher: TopKTeacher, mapping: VocabMapping,
+                           temperature: float = 1.0) -> Tensor:
+    """T² · KL(P ‖ Q) per row over the shared entries among the teacher's top k, plus one "other" bin.
+
+    With S_r the top-k entries of row r that the mapping pairs (teacher id t ↔ student id s):
+    P = (p_t for t ∈ S_r, 1 − Σ_{t ∈ S_r} p_t),  Q = (q_s for s ∈ S_r, max(1 − Σ_{s ∈ S_r} q_s, 1e-12)),
+    where the teacher's other bin is its top-k mass outside S_r plus the tail 1 − Σ_topk p (clamped at 0), and
+    the student's is the logsumexp of its entries outside S_r. The approximation: shared entries below the top k
+    join the other bin on both sides. With k = the teacher's vocabulary, S_r is every shared entry and this is
+    :func:`shared_vocab_forward_kl` (up to float rounding).
+    """
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    indices = teacher.indices.long().to(log_q.device)
+    table = mapping.teacher_to_student(int(indices.max()) + 1 if indices.numel() else 1).to(log_q.device)
+    student_ids = table[indices.clamp(0, table.numel() - 1)]
+    kept = student_ids >= 0
+    log_p = teacher.log_probs.float().to(log_q.device)
+    p = log_p.exp()
+    tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+    p_other = torch.where(kept, 0.0, p).sum(-1) + tail
+    taken = torch.zeros_like(log_q).scatter_add_(-1, student_ids.clamp_min(0), kept.float())
+    log_q_other = log_q.masked_fill(taken > 0, -math.inf).logsumexp(-1).clamp_min(_LOG_OTHER_FLOOR)
+    log_q_kept = log_q.gather(-1, student_ids.clamp_min(0))
+    kept_terms = torch.where(kept & (p > 0), p * (log_p - log_q_kept), 0.0).sum(-1)
+    other = torch.where(p_other > 0, p_other * (p_other.clamp_min(1e-30).log() - log_q_other), 0.0)
+    return (kept_terms + other) * temperature**2
+
+
 def uld_distance(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
     """Universal Logit Distillation (Boizard et al. 2024): Σ_i |sort↓(q)_i − sort↓(p)_i| per row.
 
@@ -209,8 +265,12 @@ def _first_rows(group_ids: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Ten
     return gid, first, counts[:num_groups]
 
 
-def group_log_probs(log_probs: Tensor, token_ids: Tensor, group_ids: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+def group_log_probs(log_probs: Tensor, token_ids: Tensor | None, group_ids: Tensor, num_groups: int,
+                    own: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """log r_g(v) = log p_f(v) + Σ_{j ∈ g, j ≠ f} log p_j(x_j), with f the first row of group g.
+
+    ``own`` [N]: log p_j(x_j) given directly (a top-k cache, whose ``log_probs`` hold only the k largest);
+    else it is read from ``log_probs`` at ``token_ids``.
 
     r_g is the first token's distribution scaled by the probability of the group's later tokens, so
     r_g(x_f) = Π_{j ∈ g} p_j(x_j) is the probability of the group's text (chain rule). The first row is
@@ -223,7 +283,9 @@ def group_log_probs(log_probs: Tensor, token_ids: Tensor, group_ids: Tensor, num
     present = first[:num_groups] < n
     if n == 0:
         return log_probs.new_full((num_groups, log_probs.shape[-1]), -math.inf), present
-    own = log_probs.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    if own is None:
+        own = log_probs.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    own = own.to(log_probs.dtype)
     later = (group_ids >= 0) & (torch.arange(n, device=log_probs.device) != first[gid])
     rest = log_probs.new_zeros(num_groups + 1).index_add(0, gid, torch.where(later, own, 0.0))[:num_groups]
     base = log_probs[first[:num_groups].clamp(max=n - 1)]
@@ -241,7 +303,7 @@ class GroupLosses(NamedTuple):
 
 def cross_tokenizer_group_losses(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | TopKTeacher,
     student_token_ids: Tensor,
     teacher_token_ids: Tensor,
     student_group_ids: Tensor,
@@ -257,11 +319,14 @@ def cross_tokenizer_group_losses(
     T² · KL(P ‖ Q) of :func:`shared_vocab_forward_kl`; every other group gets
     ULD(r^s_g, r^t_g) = Σ_i |sort↓(r^s_g)_i − sort↓(r^t_g)_i| with r_g of :func:`group_log_probs` on
     softmax(z / T) (no T² factor). ``mode="uld"``: ULD for every group. Rows of no group are ignored.
+    A :class:`TopKTeacher` (offline cache) uses :func:`topk_shared_forward_kl`, and ULD on its k sorted values
+    (r^t_g has k entries, padded with zeros: the tail mass is left out).
     """
     if mode not in ("hybrid", "uld"):
         raise ValueError(f"Unknown cross-tokenizer loss mode {mode!r}; choose 'hybrid' or 'uld'.")
     s_keep, t_keep = student_group_ids >= 0, teacher_group_ids >= 0
-    s_logits, t_logits = student_logits[s_keep], teacher_logits[t_keep]
+    s_logits = student_logits[s_keep]
+    teacher = teacher_logits.rows(t_keep) if isinstance(teacher_logits, TopKTeacher) else teacher_logits[t_keep]
     s_tok, t_tok = student_token_ids[s_keep].long(), teacher_token_ids[t_keep].long()
     s_gid, t_gid = student_group_ids[s_keep].long(), teacher_group_ids[t_keep].long()
     _, s_first, s_counts = _first_rows(s_gid, num_groups)
@@ -276,13 +341,22 @@ def cross_tokenizer_group_losses(
     loss = student_logits.new_zeros(num_groups, dtype=torch.float32)
     kl_idx = uses_kl.nonzero().squeeze(-1)
     if kl_idx.numel():
-        kl = shared_vocab_forward_kl(s_logits[s_first[kl_idx]], t_logits[t_first[kl_idx]], mapping, temperature)
+        t_rows = t_first[kl_idx]
+        kl = topk_shared_forward_kl(s_logits[s_first[kl_idx]], teacher.rows(t_rows), mapping, temperature) \
+            if isinstance(teacher, TopKTeacher) else \
+            shared_vocab_forward_kl(s_logits[s_first[kl_idx]], teacher[t_rows], mapping, temperature)
         loss = loss.index_put((kl_idx,), kl)
     uld_idx = (valid & ~uses_kl).nonzero().squeeze(-1)
     if uld_idx.numel():
-        s_log = F.log_softmax(s_logits.float() / temperature, dim=-1)
-        t_log = F.log_softmax(t_logits.float() / temperature, dim=-1)
-        s_r, _ = group_log_probs(s_log, s_tok, s_gid, num_groups)
-        t_r, _ = group_log_probs(t_log, t_tok, t_gid, num_groups)
+        s_r, _ = group_log_probs(F.log_softmax(s_logits.float() / temperature, dim=-1), s_tok, s_gid, num_groups)
+        t_r = _teacher_group_log_probs(teacher, t_tok, t_gid, num_groups, temperature)
         loss = loss.index_put((uld_idx,), uld_distance(s_r[uld_idx].exp(), t_r[uld_idx].exp()))
     return GroupLosses(loss, uses_kl, valid)
+
+
+def _teacher_group_log_probs(teacher: Tensor | TopKTeacher, token_ids: Tensor, group_ids: Tensor, num_groups: int,
+                             temperature: float) -> Tensor:
+    """The teacher's r_g of :func:`group_log_probs`: over its vocabulary (logits), or over its top k (a cache)."""
+    if isinstance(teacher, TopKTeacher):
+        return group_log_probs(teacher.log_probs.float(), None, group_ids, num_groups, own=teacher.token_log_probs)[0]
+    return group_log_probs(F.log_softmax(teacher.float() / temperature, dim=-1), token_ids, group_ids, num_groups)[0]
