@@ -28,6 +28,14 @@ tokenizer), and the hybrid run's ratios to the same-tokenizer run (the cost of a
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cross_tokenizer.py            # 3 seeds x 4 runs
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cross_tokenizer.py --quick    # a smoke run
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cross_tokenizer.py --speed    # the step-cost comparison
+
+Speed mode (``--speed``): the cost of alignment and the group loss in one run. The same BPE student (same init),
+the same rows in the same order, the same steps; the cross-tokenizer step (stories260K teacher on its own
+SentencePiece tokens, hybrid loss) against the same-tokenizer forward-KL step (a teacher of stories260K's shape
+whose vocabulary is the student's BPE, random weights: the same compute but for the vocabulary). The two
+alternate, ``--speed_repeats`` times (after one warm-up each) for ``--speed_steps`` optimizer steps; the report
+gives each one's median student completion tokens/s and their ratio (cross / same; the cost is 1 / ratio − 1).
 
 Prints a markdown table and writes ``bench_results/cross_tokenizer.json`` (``--output``).
 """
@@ -74,10 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke run")
     p.add_argument("--output", default="bench_results/cross_tokenizer.json")
     p.add_argument("--add_to", help="the JSON of an earlier run with the same settings: its runs join this one's")
+    p.add_argument("--speed", action="store_true", help="compare step cost only (see the module docstring)")
+    p.add_argument("--speed_repeats", type=int, default=5)
+    p.add_argument("--speed_steps", type=int, default=20)
     args = p.parse_args(argv)
     if args.quick:
         args.train_samples, args.heldout_samples, args.max_new_tokens, args.steps, args.seeds = 48, 16, 32, 6, [0]
-        args.student_vocab = 300
+        args.student_vocab, args.speed_repeats, args.speed_steps = 300, 2, 2
     return args
 
 
@@ -166,6 +177,55 @@ def one_run(name: str, seed: int, ctx: dict, args: argparse.Namespace) -> dict:
             "cross_tokenizer": trainer.cross is not None}
 
 
+def _speed_trainer(kind: str, ctx: dict, args: argparse.Namespace, out: str):
+    """A trainer for ``--speed_steps`` steps: ``cross`` (stories260K on its own tokens, hybrid) or ``same``
+    (the teacher of stories260K's shape over the student's BPE, forward KL); the same student init and rows."""
+    from hf_distill import DistillationArguments, DistillationTrainer
+    from hf_distill.lm.data import CompletionCollator
+
+    bpe = ctx["bpe"]
+    targs = DistillationArguments(
+        output_dir=out, max_steps=args.speed_steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate, alpha=args.alpha, temperature=args.temperature, report_to=[],
+        save_strategy="no", logging_steps=args.speed_steps, use_cpu=True, seed=0, disable_tqdm=True, preflight=False,
+        dataloader_num_workers=0)
+    model = student(len(bpe), args, 0, bpe)
+    if kind == "cross":
+        return DistillationTrainer(model, ctx["teacher"], targs, train_dataset=ctx["x_train"], processing_class=bpe,
+                                   teacher_processing_class=ctx["sp"])
+    return DistillationTrainer(model, ctx["bpe_teacher"], targs, train_dataset=ctx["bpe_train"], processing_class=bpe,
+                               data_collator=CompletionCollator(bpe))
+
+
+def speed(ctx: dict, args: argparse.Namespace) -> dict:
+    """Median student completion tokens/s of the two steps, alternating (module docstring), and their ratio."""
+    from transformers import LlamaForCausalLM
+
+    from hf_distill.lm.data import tokenize_completions
+
+    torch.manual_seed(0)
+    ctx["bpe_teacher"] = LlamaForCausalLM(ctx["teacher"].config.__class__(
+        **{**ctx["teacher"].config.to_dict(), "vocab_size": len(ctx["bpe"]), "bos_token_id": ctx["bpe"].bos_token_id,
+           "eos_token_id": ctx["bpe"].eos_token_id, "pad_token_id": ctx["bpe"].pad_token_id})).eval()
+    rows = [{"prompt": "", "completion": t} for t in ctx["train_texts"]]
+    ctx["bpe_train"] = tokenize_completions(rows, ctx["bpe"], max_length=2 * args.max_new_tokens + 8)
+    assert ctx["bpe_train"]["input_ids"] == ctx["x_train"]["input_ids"]  # the same student rows
+    per_row = statistics.mean(sum(1 for x in r if x != -100) for r in ctx["bpe_train"]["labels"])
+    tokens = per_row * args.speed_steps * args.batch_size
+    times: dict[str, list[float]] = {"same": [], "cross": []}
+    with tempfile.TemporaryDirectory() as out:
+        for repeat in range(args.speed_repeats + 1):  # the first round warms up
+            for kind in ("same", "cross"):
+                trainer = _speed_trainer(kind, ctx, args, out)
+                start = time.perf_counter()
+                trainer.train()
+                if repeat:
+                    times[kind].append(time.perf_counter() - start)
+    same, cross = (tokens / statistics.median(times[k]) for k in ("same", "cross"))
+    return {"same_tokens_per_second": same, "cross_tokens_per_second": cross, "ratio": cross / same,
+            "cost": same / cross - 1, "seconds": times, "steps": args.speed_steps, "repeats": args.speed_repeats}
+
+
 def prepare(args: argparse.Namespace) -> dict:
     from hf_distill.lm.cross_tokenizer_data import tokenize_aligned
     from hf_distill.lm.data import tokenize_completions
@@ -220,6 +280,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ctx = prepare(args)
+    if args.speed:
+        report = {"config": vars(args), "speed": speed(ctx, args)}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+        print({k: v for k, v in report["speed"].items() if k != "seconds"})
+        return 0
     results = {name: [] for name in args.runs}
     for seed in args.seeds:
         for name in args.runs:

@@ -92,7 +92,8 @@ def refuse_incompatible(args: Any, task: str, teachers: list, cache_problem: str
         problems.append("on-policy batches (--lmbda > 0) need the live teacher: a cache covers only the dataset's "
                         "completions (pass the teacher model too, or set --lmbda 0)")
     if len(teachers) > 1 or args.self_distillation != "none":
-        problems.append("several teachers and self-distillation are not supported (give one teacher)")
+        problems.append("several teachers and self-distillation are not supported across tokenizers (pass one "
+                        "teacher as `teacher_model` / --teacher; for several, distil from them one after another)")
     if args.distillation_loss != "forward_kl":
         problems.append(f"--distillation_loss {args.distillation_loss}: the shared-vocabulary groups use forward KL "
                         "(set --distillation_loss forward_kl, and choose --cross_tokenizer_loss hybrid or uld)")

@@ -161,6 +161,14 @@ def test_features_that_cannot_cross_vocabularies_are_refused(tmp_path, toks, set
         _trainer(tmp_path, toks, data, **setting)
 
 
+def test_several_teachers_across_tokenizers_are_refused_naming_the_fix(tmp_path, toks):
+    data = tokenize_aligned(rows(4), toks["bpe"], toks["wp"], max_length=40)
+    teachers = [_gpt2(toks["wp"], 2), _gpt2(toks["wp"], 3)]
+    with pytest.raises(ValueError, match="Cross-tokenizer mode.*several teachers.*pass one teacher as `teacher_model`"):
+        DistillationTrainer(_gpt2(toks["bpe"], 1), teachers, distill_args(tmp_path, preflight=False), train_dataset=data,
+                            processing_class=toks["bpe"], teacher_processing_class=toks["wp"])
+
+
 def test_cached_teacher_columns_and_unaligned_data_are_refused(tmp_path, toks):
     data = tokenize_aligned(rows(4), toks["bpe"], toks["wp"], max_length=40)
     cached = data.map(lambda r: {"teacher_logits": [[0.0] * len(toks["bpe"])] * len(r["input_ids"])})
