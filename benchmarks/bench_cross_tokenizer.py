@@ -36,6 +36,9 @@ SentencePiece tokens, hybrid loss) against the same-tokenizer forward-KL step (a
 whose vocabulary is the student's BPE, random weights: the same compute but for the vocabulary). The two
 alternate, ``--speed_repeats`` times (after one warm-up each) for ``--speed_steps`` optimizer steps; the report
 gives each one's median student completion tokens/s and their ratio (cross / same; the cost is 1 / ratio − 1).
+The teacher's forward is timed apart: on its own SentencePiece tokens it reads longer sequences than on the
+student's BPE (more tokens per character), which is not alignment or loss; ``alignment_and_loss_cost`` is the
+step-time difference less the teacher-forward difference, over the same-tokenizer step time.
 
 Prints a markdown table and writes ``bench_results/cross_tokenizer.json`` (``--output``).
 """
@@ -213,17 +216,41 @@ def speed(ctx: dict, args: argparse.Namespace) -> dict:
     per_row = statistics.mean(sum(1 for x in r if x != -100) for r in ctx["bpe_train"]["labels"])
     tokens = per_row * args.speed_steps * args.batch_size
     times: dict[str, list[float]] = {"same": [], "cross": []}
+    teacher_times: dict[str, list[float]] = {"same": [], "cross": []}
     with tempfile.TemporaryDirectory() as out:
         for repeat in range(args.speed_repeats + 1):  # the first round warms up
             for kind in ("same", "cross"):
                 trainer = _speed_trainer(kind, ctx, args, out)
+                spent = _time_teacher_forward(trainer)
                 start = time.perf_counter()
                 trainer.train()
                 if repeat:
                     times[kind].append(time.perf_counter() - start)
-    same, cross = (tokens / statistics.median(times[k]) for k in ("same", "cross"))
-    return {"same_tokens_per_second": same, "cross_tokens_per_second": cross, "ratio": cross / same,
-            "cost": same / cross - 1, "seconds": times, "steps": args.speed_steps, "repeats": args.speed_repeats}
+                    teacher_times[kind].append(sum(spent))
+    same_s, cross_s = (statistics.median(times[k]) for k in ("same", "cross"))
+    teacher_extra = statistics.median(teacher_times["cross"]) - statistics.median(teacher_times["same"])
+    return {"same_tokens_per_second": tokens / same_s, "cross_tokens_per_second": tokens / cross_s,
+            "ratio": same_s / cross_s, "cost": cross_s / same_s - 1,
+            "teacher_forward_extra": teacher_extra / same_s,
+            "alignment_and_loss_cost": (cross_s - same_s - teacher_extra) / same_s,
+            "seconds": times, "teacher_forward_seconds": teacher_times, "steps": args.speed_steps,
+            "repeats": args.speed_repeats}
+
+
+def _time_teacher_forward(trainer) -> list[float]:
+    """Wrap the trainer's teacher forward to record the seconds of each call."""
+    spent: list[float] = []
+    forward = trainer.teacher_forward
+
+    def timed(*a, **k):
+        start = time.perf_counter()
+        try:
+            return forward(*a, **k)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    trainer.teacher_forward = timed
+    return spent
 
 
 def prepare(args: argparse.Namespace) -> dict:
