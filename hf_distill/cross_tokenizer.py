@@ -217,18 +217,20 @@ class CrossTokenizerLoss:
         s_groups = _shift_left(alignment["student_group_ids"], NO_GROUP)
         t_groups = _shift_left(alignment["teacher_group_ids"], NO_GROUP)
         per_example = int(torch.maximum(s_groups.max(), t_groups.max()).clamp_min(0)) + 1 if s_groups.numel() else 1
+        flat = student_logits.reshape(-1, student_logits.shape[-1])
+        log_q = F.log_softmax(flat.float() / temperature, dim=-1)  # one log_softmax: every group, and CE at T = 1
         rows = cross_tokenizer_group_losses(
-            student_logits.reshape(-1, student_logits.shape[-1]), teacher,
+            flat, teacher,
             _shift_left(inputs["input_ids"], 0).reshape(-1), _shift_left(inputs["teacher_input_ids"], 0).reshape(-1),
             flatten_group_ids(s_groups, per_example).reshape(-1), flatten_group_ids(t_groups, per_example).reshape(-1),
-            per_example * s_groups.shape[0], self.mapping, temperature=temperature, mode=self.mode,
+            per_example * s_groups.shape[0], self.mapping, temperature=temperature, mode=self.mode, student_log_probs=log_q,
         )
         group_losses = rows.loss
         if not scale_by_temperature_squared:  # the KL groups carry T²; ULD groups have no temperature factor
             group_losses = torch.where(rows.uses_kl, group_losses / temperature**2, group_losses)
         kd = group_losses.sum()
         labels = _shift_left(inputs["labels"], IGNORE_INDEX).reshape(-1)
-        ce = F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), labels,
-                             ignore_index=IGNORE_INDEX, reduction="sum")
+        ce = F.nll_loss(log_q, labels, ignore_index=IGNORE_INDEX, reduction="sum") if temperature == 1 else \
+            F.cross_entropy(flat.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
         weighted = alpha * kd + (1.0 - alpha) * ce
         return weighted, {"kd": kd.detach(), "ce": ce.detach()}

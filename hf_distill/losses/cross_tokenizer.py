@@ -165,11 +165,16 @@ def _log_other(log_probs: Tensor, shared_ids: Tensor) -> Tensor:
     outside[shared_ids.to(log_probs.device)] = False
     if not bool(outside.any()):  # no gradient path through an empty logsumexp (its gradient is NaN)
         return log_probs.new_full(log_probs.shape[:-1] + (1,), -math.inf)
-    return log_probs[..., outside].logsumexp(-1, keepdim=True)
+    return log_probs.index_select(-1, outside.nonzero().squeeze(-1)).logsumexp(-1, keepdim=True)
+
+
+def _log_q(logits: Tensor | None, log_probs: Tensor | None, temperature: float) -> Tensor:
+    return log_probs if log_probs is not None else F.log_softmax(logits.float() / temperature, dim=-1)
 
 
 def shared_vocab_forward_kl(
-    student_logits: Tensor, teacher_logits: Tensor, mapping: VocabMapping, temperature: float = 1.0
+    student_logits: Tensor | None, teacher_logits: Tensor, mapping: VocabMapping, temperature: float = 1.0,
+    student_log_probs: Tensor | None = None,
 ) -> Tensor:
     """T² · KL(P ‖ Q) per row over the K shared entries plus one "other" bin.
 
@@ -178,13 +183,15 @@ def shared_vocab_forward_kl(
     with (s_k, t_k) the pairs of ``mapping``. The other bin keeps both distributions whole: the mass a side
     puts outside the shared entries is compared as one outcome, so a student cannot hide mass there
     unpunished (renormalising over the shared entries would ignore it), and with identical vocabularies
-    the bin is empty and the loss is exactly the forward KL over the full vocabulary.
+    the bin is empty and the loss is exactly the forward KL over the full vocabulary. ``student_log_probs``:
+    log q already computed (then ``student_logits`` is not read).
     """
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q = _log_q(student_logits, student_log_probs, temperature)
     teacher_ids, student_ids = mapping.teacher_ids.to(log_p.device), mapping.student_ids.to(log_q.device)
-    big_p = torch.cat([log_p[..., teacher_ids], _log_other(log_p, teacher_ids)], dim=-1)
-    big_q = torch.cat([log_q[..., student_ids], _log_other(log_q, student_ids).clamp_min(_LOG_OTHER_FLOOR)], dim=-1)
+    big_p = torch.cat([log_p.index_select(-1, teacher_ids), _log_other(log_p, teacher_ids)], dim=-1)
+    big_q = torch.cat([log_q.index_select(-1, student_ids), _log_other(log_q, student_ids).clamp_min(_LOG_OTHER_FLOOR)],
+                      dim=-1)
     p = big_p.exp()
     return (p * (big_p - big_q)).masked_fill(p == 0, 0.0).sum(-1) * temperature**2
 
@@ -200,11 +207,13 @@ class TopKTeacher(NamedTuple):
 
     def rows(self, which: Tensor) -> "TopKTeacher":
         """The rows selected by ``which`` (a mask or indices)."""
-        return TopKTeacher(self.log_probs[which], self.indices[which], self.token_log_probs[which])
+        if which.dtype == torch.bool:
+            which = which.nonzero().squeeze(-1)
+        return TopKTeacher(*(x.index_select(0, which.to(x.device)) for x in self))
 
 
-def topk_shared_forward_kl(student_logits: Tensor, teacher: TopKTeacher, mapping: VocabMapping,
-                           temperature: float = 1.0) -> Tensor:
+def topk_shared_forward_kl(student_logits: Tensor | None, teacher: TopKTeacher, mapping: VocabMapping,
+                           temperature: float = 1.0, student_log_probs: Tensor | None = None) -> Tensor:
     """T² · KL(P ‖ Q) per row over the shared entries among the teacher's top k, plus one "other" bin.
 
     With S_r the top-k entries of row r that the mapping pairs (teacher id t ↔ student id s):
@@ -214,7 +223,7 @@ def topk_shared_forward_kl(student_logits: Tensor, teacher: TopKTeacher, mapping
     join the other bin on both sides. With k = the teacher's vocabulary, S_r is every shared entry and this is
     :func:`shared_vocab_forward_kl` (up to float rounding).
     """
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q = _log_q(student_logits, student_log_probs, temperature)
     indices = teacher.indices.long().to(log_q.device)
     table = mapping.teacher_to_student(int(indices.max()) + 1 if indices.numel() else 1).to(log_q.device)
     student_ids = table[indices.clamp(0, table.numel() - 1)]
@@ -300,7 +309,7 @@ def group_log_probs(log_probs: Tensor, token_ids: Tensor | None, group_ids: Tens
     own = own.to(log_probs.dtype)
     later = (group_ids >= 0) & (torch.arange(n, device=log_probs.device) != first[gid])
     rest = log_probs.new_zeros(num_groups + 1).index_add(0, gid, torch.where(later, own, 0.0))[:num_groups]
-    base = log_probs[first[:num_groups].clamp(max=n - 1)]
+    base = log_probs.index_select(0, first[:num_groups].clamp(max=n - 1))
     return torch.where(present.unsqueeze(-1), base + rest.unsqueeze(-1), -math.inf), present
 
 
@@ -324,6 +333,7 @@ def cross_tokenizer_group_losses(
     mapping: VocabMapping,
     temperature: float = 1.0,
     mode: str = "hybrid",
+    student_log_probs: Tensor | None = None,
 ) -> GroupLosses:
     """One loss per aligned group, from flat rows of both sides (see the module docstring).
 
@@ -332,15 +342,45 @@ def cross_tokenizer_group_losses(
     ULD(r^s_g, r^t_g) = Σ_i |sort↓(r^s_g)_i − sort↓(r^t_g)_i| with r_g of :func:`group_log_probs` on
     softmax(z / T) (no T² factor). ``mode="uld"``: ULD for every group. Rows of no group are ignored.
     A :class:`TopKTeacher` (offline cache) uses :func:`topk_shared_forward_kl`, and ULD on its k sorted values
-    (r^t_g has k entries, padded with zeros: the tail mass is left out).
+    (r^t_g has k entries, padded with zeros: the tail mass is left out). ``student_log_probs``: the rows'
+    log_softmax(z_s / T), when the caller has it (one log_softmax serves every group and its CE at T = 1).
     """
     if mode not in ("hybrid", "uld"):
         raise ValueError(f"Unknown cross-tokenizer loss mode {mode!r}; choose 'hybrid' or 'uld'.")
-    s_keep, t_keep = student_group_ids >= 0, teacher_group_ids >= 0
-    s_logits = student_logits[s_keep]
-    teacher = teacher_logits.rows(t_keep) if isinstance(teacher_logits, TopKTeacher) else teacher_logits[t_keep]
-    s_tok, t_tok = student_token_ids[s_keep].long(), teacher_token_ids[t_keep].long()
-    s_gid, t_gid = student_group_ids[s_keep].long(), teacher_group_ids[t_keep].long()
+    s_idx, t_idx = (student_group_ids >= 0).nonzero().squeeze(-1), (teacher_group_ids >= 0).nonzero().squeeze(-1)
+    s_tok, t_tok = student_token_ids[s_idx].long(), teacher_token_ids[t_idx].long()
+    s_gid, t_gid = student_group_ids[s_idx].long(), teacher_group_ids[t_idx].long()
+    s_first, t_first, valid, uses_kl = _kinds(s_gid, t_gid, s_tok, t_tok, num_groups, mapping, mode)
+
+    def student_rows(which: Tensor) -> Tensor:  # log q of the kept rows at positions `which`
+        rows = s_idx[which]
+        if student_log_probs is not None:
+            return student_log_probs.index_select(0, rows)
+        return F.log_softmax(student_logits.index_select(0, rows).float() / temperature, dim=-1)
+
+    loss = student_logits.new_zeros(num_groups, dtype=torch.float32)
+    kl_idx = uses_kl.nonzero().squeeze(-1)
+    if kl_idx.numel():
+        t_rows, s_log = t_idx[t_first[kl_idx]], student_rows(s_first[kl_idx])
+        kl = topk_shared_forward_kl(None, teacher_logits.rows(t_rows), mapping, temperature, s_log) \
+            if isinstance(teacher_logits, TopKTeacher) else \
+            shared_vocab_forward_kl(None, teacher_logits.index_select(0, t_rows), mapping, temperature, s_log)
+        loss = loss.index_put((kl_idx,), kl)
+    uld_idx = (valid & ~uses_kl).nonzero().squeeze(-1)
+    if uld_idx.numel():  # only the rows of the ULD groups, renumbered 0..U-1
+        renumber = torch.full((num_groups,), -1, dtype=torch.long, device=uld_idx.device)
+        renumber[uld_idx] = torch.arange(uld_idx.numel(), device=uld_idx.device)
+        s_sel, t_sel = (renumber[s_gid] >= 0).nonzero().squeeze(-1), (renumber[t_gid] >= 0).nonzero().squeeze(-1)
+        s_r, _ = group_log_probs(student_rows(s_sel), s_tok[s_sel], renumber[s_gid[s_sel]], uld_idx.numel())
+        t_r = _teacher_group_log_probs(teacher_logits, t_idx[t_sel], t_tok[t_sel], renumber[t_gid[t_sel]],
+                                       uld_idx.numel(), temperature)
+        loss = loss.index_put((uld_idx,), uld_distance(s_r.exp(), t_r.exp()))
+    return GroupLosses(loss, uses_kl, valid)
+
+
+def _kinds(s_gid: Tensor, t_gid: Tensor, s_tok: Tensor, t_tok: Tensor, num_groups: int, mapping: VocabMapping,
+           mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per group: its first row on each side, whether both sides have rows, and whether the KL scores it."""
     _, s_first, s_counts = _first_rows(s_gid, num_groups)
     _, t_first, t_counts = _first_rows(t_gid, num_groups)
     valid = (s_counts > 0) & (t_counts > 0)
@@ -350,32 +390,15 @@ def cross_tokenizer_group_losses(
     if mode == "hybrid" and bool(valid.any()):
         single = valid & (s_counts == 1) & (t_counts == 1)
         uses_kl = single & mapping.pair_is_shared(s_tok[s_first], t_tok[t_first])
-    loss = student_logits.new_zeros(num_groups, dtype=torch.float32)
-    kl_idx = uses_kl.nonzero().squeeze(-1)
-    if kl_idx.numel():
-        t_rows = t_first[kl_idx]
-        kl = topk_shared_forward_kl(s_logits[s_first[kl_idx]], teacher.rows(t_rows), mapping, temperature) \
-            if isinstance(teacher, TopKTeacher) else \
-            shared_vocab_forward_kl(s_logits[s_first[kl_idx]], teacher[t_rows], mapping, temperature)
-        loss = loss.index_put((kl_idx,), kl)
-    uld_idx = (valid & ~uses_kl).nonzero().squeeze(-1)
-    if uld_idx.numel():  # only the rows of the ULD groups, renumbered 0..U-1
-        renumber = torch.full((num_groups,), -1, dtype=torch.long, device=uld_idx.device)
-        renumber[uld_idx] = torch.arange(uld_idx.numel(), device=uld_idx.device)
-        s_rows, t_rows = renumber[s_gid] >= 0, renumber[t_gid] >= 0
-        s_log = F.log_softmax(s_logits[s_rows].float() / temperature, dim=-1)
-        s_r, _ = group_log_probs(s_log, s_tok[s_rows], renumber[s_gid[s_rows]], uld_idx.numel())
-        t_r = _teacher_group_log_probs(teacher, t_tok, renumber[t_gid], t_rows, uld_idx.numel(), temperature)
-        loss = loss.index_put((uld_idx,), uld_distance(s_r.exp(), t_r.exp()))
-    return GroupLosses(loss, uses_kl, valid)
+    return s_first, t_first, valid, uses_kl
 
 
-def _teacher_group_log_probs(teacher: Tensor | TopKTeacher, token_ids: Tensor, group_ids: Tensor, rows: Tensor,
+def _teacher_group_log_probs(teacher: Tensor | TopKTeacher, rows: Tensor, token_ids: Tensor, group_ids: Tensor,
                              num_groups: int, temperature: float) -> Tensor:
-    """The teacher's r_g of :func:`group_log_probs` from its ``rows``: over its vocabulary (logits), or over its
-    top k (a cache)."""
+    """The teacher's r_g of :func:`group_log_probs` from its ``rows`` (with their tokens and groups): over its
+    vocabulary (logits), or over its top k (a cache)."""
     if isinstance(teacher, TopKTeacher):
         top = teacher.rows(rows)
-        return group_log_probs(top.log_probs.float(), None, group_ids[rows], num_groups, own=top.token_log_probs)[0]
-    log_probs = F.log_softmax(teacher[rows].float() / temperature, dim=-1)
-    return group_log_probs(log_probs, token_ids[rows], group_ids[rows], num_groups)[0]
+        return group_log_probs(top.log_probs.float(), None, group_ids, num_groups, own=top.token_log_probs)[0]
+    log_probs = F.log_softmax(teacher.index_select(0, rows).float() / temperature, dim=-1)
+    return group_log_probs(log_probs, token_ids, group_ids, num_groups)[0]
