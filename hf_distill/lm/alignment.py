@@ -340,11 +340,8 @@ def align_example(student_tokenizer: Any, teacher_tokenizer: Any, prompt: Any, c
 
 def _pad(rows: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for b, row in enumerate(rows):
-        if len(row):
-            out[b, : len(row)] = torch.tensor(list(row), dtype=dtype)
-    return out
+    padded = [[*row, *([value] * (width - len(row)))] for row in rows]  # one tensor call, not one per row
+    return torch.tensor(padded, dtype=dtype).reshape(len(rows), width)
 
 
 def collate_aligned(features: Sequence[Mapping[str, Sequence[Any]]], student_pad_id: int,

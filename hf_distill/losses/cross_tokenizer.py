@@ -245,11 +245,19 @@ def _sorted_decreasing(x: Tensor) -> Tensor:
     the tensor's array view (several times faster than ``torch.sort`` for vocabulary-wide rows), then a gather."""
     if x.device.type != "cpu" or x.dim() != 2:
         return x.sort(dim=-1, descending=True).values
-    negated = (-x.detach()).numpy()
     if not x.requires_grad:
+        negated = (-x.detach()).numpy()
         negated.sort(axis=-1)  # in place: the negated copy
         return -torch.from_numpy(negated)
-    return x.gather(-1, torch.from_numpy(negated.argsort(axis=-1)))
+    if x.dtype == torch.float32 and bool((x >= 0).all()):
+        # A non-negative float32's bits order like its value: sort (bits << 32 | index) keys, read the indices.
+        keys = (x.detach().contiguous().view(torch.int32).to(torch.int64) << 32) | torch.arange(x.shape[-1])
+        array = keys.numpy()
+        array.sort(axis=-1)
+        order = torch.from_numpy(array[:, ::-1] & 0xFFFFFFFF)
+    else:
+        order = torch.from_numpy((-x.detach()).numpy().argsort(axis=-1))
+    return x.gather(-1, order.contiguous())
 
 
 def uld_distance(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
