@@ -10,6 +10,10 @@ with L_g of :func:`hf_distill.losses.cross_tokenizer.cross_tokenizer_group_losse
 hybrid or uld). The T² factor of the KL groups follows ``scale_by_temperature_squared``; so with identical
 tokenizers (one group per completion token, every pair shared) the loss equals the same-tokenizer forward KL +
 CE. Features that read the teacher on the student's token ids are refused (:func:`refuse_incompatible`).
+
+On-policy batches: :meth:`CrossTokenizerLoss.on_policy_batch` re-tokenizes the student's samples for the teacher
+(``lm.cross_tokenizer_data.align_generated``). Offline: :func:`cache_aligned_teacher_topk` stores the teacher's
+top-k over its own tokens, which the group losses read instead of live logits.
 """
 
 from __future__ import annotations
