@@ -26,10 +26,10 @@ def _bench():
 def test_the_quick_benchmark_runs_both_modes(tmp_path):
     bench = _bench()
     data = ["--data", str(shared_data_dir()), "--quick"]
-    assert bench.main([*data, "--runs", "seqkd", "hybrid", "--output", str(tmp_path / "runs.json")]) == 0
+    assert bench.main([*data, "--runs", "hybrid", "--output", str(tmp_path / "runs.json")]) == 0
     report = json.loads((tmp_path / "runs.json").read_text())
-    assert set(report["summary"]) >= {"seqkd", "hybrid"}
-    assert all(0 < report["summary"][k]["bpc_mean"] < 20 for k in ("seqkd", "hybrid"))
+    assert "hybrid" in report["summary"]
+    assert 0 < report["summary"]["hybrid"]["bpc_mean"] < 20
     assert report["results"]["hybrid"][0]["cross_tokenizer"] is True
     assert bench.main([*data, "--speed", "--output", str(tmp_path / "speed.json")]) == 0
     speed = json.loads((tmp_path / "speed.json").read_text())["speed"]
