@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="T of the KD terms; at 1 the KL groups (scaled by T²) and the ULD groups weigh alike")
+    p.add_argument("--no_temperature_squared", action="store_true",
+                   help="KD runs without the T² factor (scale_by_temperature_squared=False)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke run")
@@ -165,6 +167,7 @@ def one_run(name: str, seed: int, ctx: dict, args: argparse.Namespace) -> dict:
             output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
             learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20),
             alpha=0.0 if name in ("seqkd", "same_seqkd") else args.alpha, temperature=args.temperature, cross_tokenizer_loss="uld" if name == "uld" else "hybrid",
+            scale_by_temperature_squared=not args.no_temperature_squared,
             report_to=[], save_strategy="no", logging_steps=max(1, args.steps // 5), use_cpu=True, seed=seed,
             disable_tqdm=True, preflight=False, dataloader_num_workers=0)
         extra = dict(data_collator=CompletionCollator(tok)) if same else dict(teacher_processing_class=ctx["sp"])
