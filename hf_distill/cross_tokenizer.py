@@ -222,7 +222,7 @@ class CrossTokenizerLoss:
         t_groups = _shift_left(alignment["teacher_group_ids"], NO_GROUP)
         per_example = int(torch.maximum(s_groups.max(), t_groups.max()).clamp_min(0)) + 1 if s_groups.numel() else 1
         flat = student_logits.reshape(-1, student_logits.shape[-1])
-        log_q = F.log_softmax(flat.float() / temperature, dim=-1)  # one log_softmax: every group, and CE at T = 1
+        log_q = F.log_softmax(flat.float() / temperature if temperature != 1 else flat.float(), dim=-1)  # groups, CE
         rows = cross_tokenizer_group_losses(
             flat, teacher,
             _shift_left(inputs["input_ids"], 0).reshape(-1), _shift_left(inputs["teacher_input_ids"], 0).reshape(-1),
