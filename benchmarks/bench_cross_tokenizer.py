@@ -28,6 +28,17 @@ tokenizer), and the hybrid run's ratios to the same-tokenizer run (the cost of a
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cross_tokenizer.py            # 3 seeds x 4 runs
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cross_tokenizer.py --quick    # a smoke run
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cross_tokenizer.py --speed    # the step-cost comparison
+
+Speed mode (``--speed``): the cost of alignment and the group loss in one run. The same BPE student (same init),
+the same rows in the same order, the same steps; the cross-tokenizer step (stories260K teacher on its own
+SentencePiece tokens, hybrid loss) against the same-tokenizer forward-KL step (a teacher of stories260K's shape
+whose vocabulary is the student's BPE, random weights: the same compute but for the vocabulary). The two
+alternate, ``--speed_repeats`` times (after one warm-up each) for ``--speed_steps`` optimizer steps; the report
+gives each one's median student completion tokens/s and their ratio (cross / same; the cost is 1 / ratio − 1).
+The teacher's forward is timed apart: on its own SentencePiece tokens it reads longer sequences than on the
+student's BPE (more tokens per character), which is not alignment or loss; ``alignment_and_loss_cost`` is the
+step-time difference less the teacher-forward difference, over the same-tokenizer step time.
 
 Prints a markdown table and writes ``bench_results/cross_tokenizer.json`` (``--output``).
 """
@@ -69,15 +80,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="T of the KD terms; at 1 the KL groups (scaled by T²) and the ULD groups weigh alike")
+    p.add_argument("--no_temperature_squared", action="store_true",
+                   help="KD runs without the T² factor (scale_by_temperature_squared=False)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke run")
     p.add_argument("--output", default="bench_results/cross_tokenizer.json")
     p.add_argument("--add_to", help="the JSON of an earlier run with the same settings: its runs join this one's")
+    p.add_argument("--speed", action="store_true", help="compare step cost only (see the module docstring)")
+    p.add_argument("--speed_repeats", type=int, default=5)
+    p.add_argument("--speed_steps", type=int, default=20)
     args = p.parse_args(argv)
     if args.quick:
         args.train_samples, args.heldout_samples, args.max_new_tokens, args.steps, args.seeds = 48, 16, 32, 6, [0]
-        args.student_vocab = 300
+        args.student_vocab, args.speed_repeats, args.speed_steps = 300, 2, 2
     return args
 
 
@@ -151,6 +167,7 @@ def one_run(name: str, seed: int, ctx: dict, args: argparse.Namespace) -> dict:
             output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
             learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 20),
             alpha=0.0 if name in ("seqkd", "same_seqkd") else args.alpha, temperature=args.temperature, cross_tokenizer_loss="uld" if name == "uld" else "hybrid",
+            scale_by_temperature_squared=not args.no_temperature_squared,
             report_to=[], save_strategy="no", logging_steps=max(1, args.steps // 5), use_cpu=True, seed=seed,
             disable_tqdm=True, preflight=False, dataloader_num_workers=0)
         extra = dict(data_collator=CompletionCollator(tok)) if same else dict(teacher_processing_class=ctx["sp"])
@@ -164,6 +181,79 @@ def one_run(name: str, seed: int, ctx: dict, args: argparse.Namespace) -> dict:
             "train_seconds": seconds, "tokens_per_second": tokens * epochs / seconds,
             "characters_per_second": sum(len(t) for t in ctx["train_texts"]) * epochs / seconds,
             "cross_tokenizer": trainer.cross is not None}
+
+
+def _speed_trainer(kind: str, ctx: dict, args: argparse.Namespace, out: str):
+    """A trainer for ``--speed_steps`` steps: ``cross`` (stories260K on its own tokens, hybrid) or ``same``
+    (the teacher of stories260K's shape over the student's BPE, forward KL); the same student init and rows."""
+    from hf_distill import DistillationArguments, DistillationTrainer
+    from hf_distill.lm.data import CompletionCollator
+
+    bpe = ctx["bpe"]
+    targs = DistillationArguments(
+        output_dir=out, max_steps=args.speed_steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate, alpha=args.alpha, temperature=args.temperature, report_to=[],
+        save_strategy="no", logging_steps=args.speed_steps, use_cpu=True, seed=0, disable_tqdm=True, preflight=False,
+        dataloader_num_workers=0)
+    model = student(len(bpe), args, 0, bpe)
+    if kind == "cross":
+        return DistillationTrainer(model, ctx["teacher"], targs, train_dataset=ctx["x_train"], processing_class=bpe,
+                                   teacher_processing_class=ctx["sp"])
+    return DistillationTrainer(model, ctx["bpe_teacher"], targs, train_dataset=ctx["bpe_train"], processing_class=bpe,
+                               data_collator=CompletionCollator(bpe))
+
+
+def speed(ctx: dict, args: argparse.Namespace) -> dict:
+    """Median student completion tokens/s of the two steps, alternating (module docstring), and their ratio."""
+    from transformers import LlamaForCausalLM
+
+    from hf_distill.lm.data import tokenize_completions
+
+    torch.manual_seed(0)
+    ctx["bpe_teacher"] = LlamaForCausalLM(ctx["teacher"].config.__class__(
+        **{**ctx["teacher"].config.to_dict(), "vocab_size": len(ctx["bpe"]), "bos_token_id": ctx["bpe"].bos_token_id,
+           "eos_token_id": ctx["bpe"].eos_token_id, "pad_token_id": ctx["bpe"].pad_token_id})).eval()
+    rows = [{"prompt": "", "completion": t} for t in ctx["train_texts"]]
+    ctx["bpe_train"] = tokenize_completions(rows, ctx["bpe"], max_length=2 * args.max_new_tokens + 8)
+    assert ctx["bpe_train"]["input_ids"] == ctx["x_train"]["input_ids"]  # the same student rows
+    per_row = statistics.mean(sum(1 for x in r if x != -100) for r in ctx["bpe_train"]["labels"])
+    tokens = per_row * args.speed_steps * args.batch_size
+    times: dict[str, list[float]] = {"same": [], "cross": []}
+    teacher_times: dict[str, list[float]] = {"same": [], "cross": []}
+    with tempfile.TemporaryDirectory() as out:
+        for repeat in range(args.speed_repeats + 1):  # the first round warms up
+            for kind in ("same", "cross"):
+                trainer = _speed_trainer(kind, ctx, args, out)
+                spent = _time_teacher_forward(trainer)
+                start = time.perf_counter()
+                trainer.train()
+                if repeat:
+                    times[kind].append(time.perf_counter() - start)
+                    teacher_times[kind].append(sum(spent))
+    same_s, cross_s = (statistics.median(times[k]) for k in ("same", "cross"))
+    teacher_extra = statistics.median(teacher_times["cross"]) - statistics.median(teacher_times["same"])
+    return {"same_tokens_per_second": tokens / same_s, "cross_tokens_per_second": tokens / cross_s,
+            "ratio": same_s / cross_s, "cost": cross_s / same_s - 1,
+            "teacher_forward_extra": teacher_extra / same_s,
+            "alignment_and_loss_cost": (cross_s - same_s - teacher_extra) / same_s,
+            "seconds": times, "teacher_forward_seconds": teacher_times, "steps": args.speed_steps,
+            "repeats": args.speed_repeats}
+
+
+def _time_teacher_forward(trainer) -> list[float]:
+    """Wrap the trainer's teacher forward to record the seconds of each call."""
+    spent: list[float] = []
+    forward = trainer.teacher_forward
+
+    def timed(*a, **k):
+        start = time.perf_counter()
+        try:
+            return forward(*a, **k)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    trainer.teacher_forward = timed
+    return spent
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -220,6 +310,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ctx = prepare(args)
+    if args.speed:
+        report = {"config": vars(args), "speed": speed(ctx, args)}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+        print({k: v for k, v in report["speed"].items() if k != "seconds"})
+        return 0
     results = {name: [] for name in args.runs}
     for seed in args.seeds:
         for name in args.runs:

@@ -7,7 +7,10 @@ Columns written (per example, unpadded):
 * question answering: ``teacher_logits`` = [seq_len, 2] (start, end)
 * causal LM, full: ``teacher_logits`` = [seq_len, vocab]
 * causal LM, top-k: ``teacher_topk_log_probs`` and ``teacher_topk_indices`` = [seq_len, k], log-probabilities at
-  ``temperature``, plus ``teacher_topk_temperature`` (a scalar) so the trainer can check it matches.
+  ``temperature``, plus ``teacher_topk_temperature`` (a scalar) so the trainer can check it matches; with
+  ``token_log_probs=True`` also ``teacher_topk_token_log_probs`` = [seq_len], the log-probability of the next
+  input token (0 at the last position): the aligned top-k cache of cross-tokenizer mode, made on
+  ``teacher_input_ids`` (``hf_distill.cross_tokenizer.cache_aligned_teacher_topk``).
 
 Values are stored as float32 (token ids as int32); per-token columns are ``Array2D`` of shape [seq_len, width],
 so that :func:`with_fast_teacher_columns` (the trainer calls it) can read a batch as numpy arrays without
@@ -31,6 +34,7 @@ from torch import nn
 from .tasks import detect_task, task_logits
 
 TOPK_SUFFIXES = ("log_probs", "indices", "temperature")
+TOKEN_LOG_PROBS_SUFFIX = "token_log_probs"  # the aligned (cross-tokenizer) top-k cache's own-token column
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 CACHE_FORMAT = 2  # part of the fingerprint: 2 = float32 / int32 Array2D columns (1 was nested float64 lists)
 
@@ -71,6 +75,7 @@ def _teacher_batch_outputs(
     temperature: float,
     prefix: str,
     logits_column: str,
+    token_log_probs: bool = False,
 ) -> dict[str, list]:
     device = next(teacher.parameters()).device
     inputs = {}
@@ -88,20 +93,25 @@ def _teacher_batch_outputs(
     per_example = [logits[i, :n] for i, n in enumerate(lengths)]
     if top_k is None:
         return {logits_column: [x.numpy() for x in per_example]}
-    log_probs, indices = [], []
-    for x in per_example:
-        values, idx = torch.log_softmax(x / temperature, dim=-1).topk(top_k, dim=-1)
+    log_probs, indices, own = [], [], []
+    for i, x in enumerate(per_example):
+        all_log_probs = torch.log_softmax(x / temperature, dim=-1)
+        values, idx = all_log_probs.topk(top_k, dim=-1)
         log_probs.append(values.numpy())
         indices.append(idx.int().numpy())
-    return {
+        following = inputs["input_ids"][i, 1 : lengths[i]].cpu().long().unsqueeze(-1)
+        own.append(torch.cat([all_log_probs[:-1].gather(-1, following).squeeze(-1), torch.zeros(1)]).numpy())
+    columns = {
         f"{prefix}_log_probs": log_probs,
         f"{prefix}_indices": indices,
         f"{prefix}_temperature": [float(temperature)] * len(lengths),
     }
+    return {**columns, f"{prefix}_{TOKEN_LOG_PROBS_SUFFIX}": own} if token_log_probs else columns
 
 
 def _output_features(
-    dataset: "datasets.Dataset", task: str, width: int, top_k: Optional[int], prefix: str, logits_column: str  # noqa: F821
+    dataset: "datasets.Dataset", task: str, width: int, top_k: Optional[int], prefix: str, logits_column: str,  # noqa: F821
+    token_log_probs: bool = False,
 ) -> "datasets.Features":  # noqa: F821
     """The dataset's features plus the teacher columns: float32 values, int32 token ids, [seq_len, width] arrays."""
     from datasets import Array2D, Sequence, Value
@@ -115,6 +125,8 @@ def _output_features(
         features[f"{prefix}_log_probs"] = Array2D(shape=(None, top_k), dtype="float32")
         features[f"{prefix}_indices"] = Array2D(shape=(None, top_k), dtype="int32")
         features[f"{prefix}_temperature"] = Value("float32")
+        if token_log_probs:
+            features[f"{prefix}_{TOKEN_LOG_PROBS_SUFFIX}"] = Sequence(Value("float32"))
     return features
 
 
@@ -140,7 +152,8 @@ class CachedTeacherColumns:
         self.args = args
         prefix = args.teacher_topk_column_prefix
         self.logits_column, self.topk_prefix = args.teacher_logits_column, prefix
-        self.columns = (args.teacher_logits_column,) + tuple(f"{prefix}_{suffix}" for suffix in TOPK_SUFFIXES)
+        self.columns = (args.teacher_logits_column,) + tuple(
+            f"{prefix}_{suffix}" for suffix in (*TOPK_SUFFIXES, TOKEN_LOG_PROBS_SUFFIX))
         self.train_dataset = train_dataset
         datasets_ = [train_dataset] + (list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset])
         self.dataset_columns = {c for d in datasets_ for c in (getattr(d, "column_names", None) or [])}
@@ -150,8 +163,14 @@ class CachedTeacherColumns:
         """Whether some dataset carries cached teacher outputs (full logits or top-k)."""
         return self.logits_column in self.dataset_columns or f"{self.topk_prefix}_indices" in self.dataset_columns
 
+    @property
+    def aligned(self) -> bool:
+        """Whether the cache is the aligned top-k of cross-tokenizer mode (over the teacher's own tokens)."""
+        return f"{self.topk_prefix}_{TOKEN_LOG_PROBS_SUFFIX}" in self.dataset_columns
+
     def check_width(self, width: int) -> None:
-        """Cached teacher outputs must have the student's output width (labels, positions or vocabulary)."""
+        """Cached teacher outputs must have the student's output width (labels, positions or vocabulary); an
+        aligned top-k cache indexes the teacher's vocabulary (cross-tokenizer mode checks it)."""
         dataset = self.train_dataset
         columns = getattr(dataset, "column_names", None) or []
         if self.logits_column in columns:
@@ -162,7 +181,7 @@ class CachedTeacherColumns:
                     "Re-cache with cache_teacher_outputs() using a teacher that matches the student."
                 )
         indices = f"{self.topk_prefix}_indices"
-        if indices in columns and int(torch.as_tensor(dataset[0][indices]).max()) >= width:
+        if indices in columns and not self.aligned and int(torch.as_tensor(dataset[0][indices]).max()) >= width:
             raise ValueError(
                 f"Cached top-k token ids go beyond the student's vocabulary of {width}. Re-cache with a teacher "
                 "that shares the student's tokenizer and vocabulary."
@@ -195,8 +214,10 @@ class CachedTeacherColumns:
 
 
 def _check_cache_arguments(teacher: nn.Module, dataset: Any, task: Optional[str], top_k: Optional[int],
-                           temperature: float, input_prefix: str) -> str:
+                           temperature: float, input_prefix: str, token_log_probs: bool = False) -> str:
     """Refuse what cannot be cached, with the fix; returns the task."""
+    if token_log_probs and top_k is None:
+        raise ValueError("token_log_probs=True goes with a top-k cache: pass top_k.")
     if len(dataset) == 0:
         raise ValueError("The dataset to cache teacher outputs for is empty.")
     if top_k is not None and top_k <= 0:
@@ -225,6 +246,7 @@ def cache_teacher_outputs(
     topk_column_prefix: str = "teacher_topk",
     cache_file_name: Optional[str] = None,
     load_from_cache_file: Optional[bool] = None,
+    token_log_probs: bool = False,
 ) -> "datasets.Dataset":  # noqa: F821
     """Run ``teacher`` over a tokenized ``dataset`` and add its outputs as columns (see module doc).
 
@@ -235,14 +257,16 @@ def cache_teacher_outputs(
         top_k: for language models, keep only the k most likely tokens per position (and the tail mass
             implicitly, as 1 − their sum). ``None`` stores full logits.
         temperature: temperature of the stored top-k log-probabilities; training must use the same.
+        token_log_probs: with ``top_k``, also store the log-probability of each next input token (cross-tokenizer).
     """
-    task = _check_cache_arguments(teacher, dataset, task, top_k, temperature, input_prefix)
+    task = _check_cache_arguments(teacher, dataset, task, top_k, temperature, input_prefix, token_log_probs)
     if pad_token_id is None:
         pad_token_id = getattr(getattr(teacher, "config", None), "pad_token_id", None) or 0
     was_training = teacher.training
     teacher.eval()
     settings = json.dumps(
-        [CACHE_FORMAT, task, top_k, temperature, pad_token_id, input_prefix, logits_column, topk_column_prefix],
+        [CACHE_FORMAT, task, top_k, temperature, pad_token_id, input_prefix, logits_column, topk_column_prefix]
+        + [True] * token_log_probs,
         sort_keys=True,
     )
     fingerprint = hashlib.sha256(
@@ -259,8 +283,8 @@ def cache_teacher_outputs(
             _teacher_batch_outputs,
             batched=True,
             batch_size=batch_size,
-            fn_kwargs=dict(teacher=teacher, top_k=top_k, **settings_kwargs),
-            features=_output_features(dataset, task, width, top_k, topk_column_prefix, logits_column),
+            fn_kwargs=dict(teacher=teacher, top_k=top_k, token_log_probs=token_log_probs, **settings_kwargs),
+            features=_output_features(dataset, task, width, top_k, topk_column_prefix, logits_column, token_log_probs),
             new_fingerprint=fingerprint,
             cache_file_name=cache_file_name,
             load_from_cache_file=load_from_cache_file,

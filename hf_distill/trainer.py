@@ -265,8 +265,11 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Optional[torch.Tensor] = None):
         record: Optional[StepRecord] = inputs.pop(STEP_RECORD_KEY, None)
+        drawn = inputs  # cross-tokenizer on-policy: the teacher's prompts come from the drawn batch
         if model.training and record is not None and record.on_policy:
             inputs, record = self.on_policy_inputs(model, inputs), None  # the generated batch counts its own items
+        if self.cross is not None and inputs is not drawn:  # the student's samples, re-tokenized for the teacher
+            inputs = self.cross.on_policy_batch(inputs, drawn)
         alignment = self.cross.pop_alignment(inputs) if self.cross is not None else None
         student_inputs, teacher_inputs, cached = self.split_inputs(inputs)
         # The teacher first: its activations are freed before the student's (kept for backward) are made.
@@ -281,7 +284,8 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             loss_sum, term_sums = self.encoder.terms(student_outputs, teacher_outputs, inputs, model.training)
         elif alignment is not None:  # cross-tokenizer: alpha · Σ_groups L_g + (1 − alpha) · CE (cross_tokenizer.py)
             targets = [((None,), 1.0)]
-            loss_sum, term_sums = self.cross.logit_terms(student_logits, teacher_outputs[0].logits, inputs, alignment,
+            teacher = teacher_outputs[0].logits if teacher_outputs else cached  # live, or the aligned top-k cache
+            loss_sum, term_sums = self.cross.logit_terms(student_logits, teacher, inputs, alignment,
                                                          alpha, temperature, self.args.scale_by_temperature_squared)
         elif fused:  # the same sums through each model's lm_head, no [B, L, V] logits
             loss_sum, term_sums = self.fused_lm.logit_terms(self, model, student_outputs, teacher_outputs, cached,

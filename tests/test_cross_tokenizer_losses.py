@@ -197,3 +197,21 @@ def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="'hybrid' or 'uld'"):
         cross_tokenizer_group_losses(torch.zeros(1, 10), torch.zeros(1, 7), torch.tensor([0]), torch.tensor([0]),
                                      torch.tensor([0]), torch.tensor([0]), 1, _mapping(), mode="kl")
+
+
+def test_uld_distance_gradient_is_the_sorted_l1_gradient():
+    """The CPU sort goes through NumPy: values and gradients must be those of the sorted L1 written out."""
+    torch.manual_seed(3)
+    q_logits = torch.randn(5, 40, requires_grad=True)
+    p = torch.randn(5, 24).softmax(-1)
+    uld_distance(q_logits.softmax(-1), p).sum().backward()
+    ref_logits = q_logits.detach().clone().requires_grad_()
+    q = ref_logits.softmax(-1)
+    expected = []
+    for r in range(5):  # sort each row by hand: order of the entries, largest first
+        order = sorted(range(40), key=lambda j: -q[r, j].item())
+        p_sorted = sorted(p[r].tolist(), reverse=True) + [0.0] * 16
+        expected.append(sum((q[r, j] - p_sorted[i]).abs() for i, j in enumerate(order)))
+    torch.stack(expected).sum().backward()
+    assert uld_distance(q_logits.softmax(-1), p).sum().item() == pytest.approx(torch.stack(expected).sum().item(), rel=1e-6)
+    torch.testing.assert_close(q_logits.grad, ref_logits.grad, atol=1e-7, rtol=1e-5)

@@ -275,6 +275,13 @@ def _encode_side(tokenizer: Any, prompt: Any, content: str, role: str, add_eos: 
     """
     require_fast_tokenizer(tokenizer, role)
     prompt_ids, completion, start = _side_texts(tokenizer, prompt, content, role)
+    return encode_completion(tokenizer, prompt_ids, completion, start, len(content), add_eos)
+
+
+def encode_completion(tokenizer: Any, prompt_ids: list[int], completion: str, start: int, length: int,
+                      add_eos: bool) -> tuple[SideEncoding, list[bool]]:
+    """``prompt_ids`` + the tokens of ``completion`` (+ EOS), whose content is ``completion[start:start + length]``;
+    and per content token whether it must stay unaligned (see :func:`_encode_side`)."""
     enc = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True) if completion else None
     ids = list(enc["input_ids"]) if enc else []
     offsets = [tuple(o) for o in enc["offset_mapping"]] if enc else []
@@ -285,7 +292,7 @@ def _encode_side(tokenizer: Any, prompt: Any, content: str, role: str, add_eos: 
     side = SideEncoding(prompt_ids + ids, [IGNORE_INDEX] * len(prompt_ids) + ids,
                         [NO_GROUP] * (len(prompt_ids) + len(ids)), [False] * (len(prompt_ids) + len(ids)))
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}  # [UNK] stands for real text
-    end = start + len(content)
+    end = start + length
     strings = tokenizer.convert_ids_to_tokens(ids)
     bad: list[bool] = []
     for i, (token_id, (lo, hi)) in enumerate(zip(ids, offsets)):
@@ -301,6 +308,18 @@ def _encode_side(tokenizer: Any, prompt: Any, content: str, role: str, add_eos: 
     return side, bad
 
 
+def group_sides(student: SideEncoding, teacher: SideEncoding, content: str, s_bad: list[bool],
+                t_bad: list[bool]) -> AlignedExample:
+    """Align the content tokens of two encoded sides (:func:`align_offsets`) and write their group ids."""
+    s_group, t_group, spans = align_offsets(student.spans, teacher.spans, content, student.strings, teacher.strings,
+                                            s_bad, t_bad)
+    for side, groups in ((student, s_group), (teacher, t_group)):
+        for position, group in zip(side.positions, groups):
+            side.group_ids[position] = group
+            side.unaligned[position] = group == NO_GROUP
+    return AlignedExample(student, teacher, content, spans)
+
+
 def align_example(student_tokenizer: Any, teacher_tokenizer: Any, prompt: Any, completion: str,
                   add_eos: bool = True) -> AlignedExample:
     """Tokenize ``prompt`` + ``completion`` with both tokenizers and group the completion tokens by characters.
@@ -311,13 +330,7 @@ def align_example(student_tokenizer: Any, teacher_tokenizer: Any, prompt: Any, c
     content = completion if isinstance(completion, str) else str(completion)
     student, s_bad = _encode_side(student_tokenizer, prompt, content, "student", add_eos)
     teacher, t_bad = _encode_side(teacher_tokenizer, prompt, content, "teacher", add_eos)
-    s_group, t_group, spans = align_offsets(student.spans, teacher.spans, content, student.strings, teacher.strings,
-                                            s_bad, t_bad)
-    for side, groups in ((student, s_group), (teacher, t_group)):
-        for position, group in zip(side.positions, groups):
-            side.group_ids[position] = group
-            side.unaligned[position] = group == NO_GROUP
-    return AlignedExample(student, teacher, content, spans)
+    return group_sides(student, teacher, content, s_bad, t_bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,11 +340,8 @@ def align_example(student_tokenizer: Any, teacher_tokenizer: Any, prompt: Any, c
 
 def _pad(rows: Sequence[Sequence[Any]], value: Any, dtype: torch.dtype) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), value, dtype=dtype)
-    for b, row in enumerate(rows):
-        if len(row):
-            out[b, : len(row)] = torch.tensor(list(row), dtype=dtype)
-    return out
+    padded = [[*row, *([value] * (width - len(row)))] for row in rows]  # one tensor call, not one per row
+    return torch.tensor(padded, dtype=dtype).reshape(len(rows), width)
 
 
 def collate_aligned(features: Sequence[Mapping[str, Sequence[Any]]], student_pad_id: int,

@@ -15,6 +15,10 @@ Beyond the content groups of ``align_example``, the EOS that ends the completion
 more group (both sides predict "the text ends here" from the same text), so with identical tokenizers the
 groups are exactly the completion tokens the same-tokenizer loss covers. :class:`CrossTokenizerCollator`
 pads a batch of such rows (right padding on both sides).
+
+On-policy batches: :func:`align_generated` turns a completion the student generated into such a row. The
+student keeps the ids it sampled; their text (decoded as it continues the prompt) is tokenized by the teacher
+after the teacher's own prompt tokens, and the two are aligned like any row.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy
 import torch
 
-from .alignment import IGNORE_INDEX, NO_GROUP, AlignedExample, _pad, align_example
+from .alignment import (IGNORE_INDEX, NO_GROUP, AlignedExample, SideEncoding, _pad, align_example, encode_completion,
+                        group_sides)
+from .data import PROMPT_LENGTH_COLUMN
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +77,74 @@ def align_row(student_tokenizer: Any, teacher_tokenizer: Any, prompt: Any, compl
     if add_eos:
         _eos_group(example, student_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id)
     return _truncate(example, max_length)
+
+
+def _generated_spans(tokenizer: Any, prompt_ids: list[int], content_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The text of generated tokens as they continue the prompt, and each token's character span in it.
+
+    Token i ends where the decoding of the prompt + the first i + 1 tokens ends; a token that ends inside a
+    multi-byte character (its decoding is not a prefix of the whole text) is zero-width at the character the next
+    token completes (they share its group); a token that adds no character (a special token, which decodes to
+    nothing, or a stray byte after one already shown as U+FFFD) shares the previous token's span.
+    """
+    options = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+    prefixes = [prompt_ids + content_ids[: i + 1] for i in range(len(content_ids))]
+    context = tokenizer.decode(prompt_ids, **options)
+    decoded = tokenizer.batch_decode(prefixes, **options)
+    if not all(d.startswith(context) for d in decoded):  # the decoder rewrote the prompt's end: decode alone
+        context, decoded = "", tokenizer.batch_decode([content_ids[: i + 1] for i in range(len(content_ids))], **options)
+    texts = [d[len(context):] for d in decoded]
+    final = texts[-1] if texts else ""
+    spans: list[tuple[int, int]] = []
+    end = 0
+    for text in texts:
+        if len(text) < end or not final.startswith(text):  # ends inside a character: zero-width, joins the next
+            spans.append((end, end))
+        elif len(text) == end and spans:  # adds no character (a special token, a byte after a replaced one)
+            spans.append((spans[-1][0], end))  # joins the previous token
+        else:
+            spans.append((end, len(text)))
+            end = len(text)
+    return final, spans
+
+
+def align_generated(student_tokenizer: Any, teacher_tokenizer: Any, student_prompt_ids: list[int],
+                    completion_ids: list[int], teacher_prompt_ids: list[int], same_tokenizer: bool = False) -> dict[str, list]:
+    """A student-generated completion as a row of :func:`tokenize_aligned` (the module docstring's on-policy part).
+
+    ``completion_ids`` ends with the student's EOS when it stopped; then the teacher's side ends with its EOS.
+    With ``same_tokenizer`` the teacher reads the student's ids as they are (as the same-tokenizer path does).
+    """
+    eos = student_tokenizer.eos_token_id
+    ended = bool(completion_ids) and completion_ids[-1] == eos
+    content = completion_ids[:-1] if ended else completion_ids
+    text, spans = _generated_spans(student_tokenizer, student_prompt_ids, content)
+    n, ids = len(student_prompt_ids), student_prompt_ids + completion_ids
+    student = SideEncoding(ids, [IGNORE_INDEX] * n + completion_ids, [NO_GROUP] * len(ids), [False] * len(ids),
+                           list(range(n, n + len(content))), spans, student_tokenizer.convert_ids_to_tokens(content))
+    special = set(student_tokenizer.all_special_ids) - {student_tokenizer.unk_token_id}
+    s_bad = [i in special for i in content]
+    if same_tokenizer:
+        teacher = SideEncoding(list(ids), list(student.labels), list(student.group_ids), list(student.unaligned),
+                               list(student.positions), list(spans), list(student.strings))
+        t_bad = list(s_bad)
+    else:
+        teacher, t_bad = encode_completion(teacher_tokenizer, teacher_prompt_ids, text, 0, len(text), ended)
+    example = group_sides(student, teacher, text, s_bad, t_bad)
+    _eos_group(example, eos, teacher_tokenizer.eos_token_id)
+    return _truncate(example, max(len(example.student.input_ids), len(example.teacher.input_ids)))
+
+
+def teacher_prompt_ids(row: Mapping[str, Any], eos_token_id: Any) -> list[int]:
+    """The teacher's tokens before the completion content of one padded batch row (its prompt, with its own
+    special tokens or chat template up to the assistant text): those before its first grouped or unaligned
+    token; when the completion had no content, all of them but a final EOS."""
+    ids = torch.as_tensor(row["teacher_input_ids"])[torch.as_tensor(row["teacher_attention_mask"]).bool()].tolist()
+    content = (torch.as_tensor(row["teacher_group_ids"]) >= 0) | torch.as_tensor(row["teacher_unaligned"]).bool()
+    where = content[: len(ids)].nonzero()
+    if where.numel():
+        return ids[: int(where[0])]
+    return ids[:-1] if len(ids) > 1 and ids[-1] == eos_token_id else ids
 
 
 def tokenize_aligned(
@@ -116,10 +191,12 @@ def tokenize_aligned(
 @dataclass
 class CrossTokenizerCollator:
     """Right-pad rows of :func:`tokenize_aligned`: each side with its own pad id, labels with -100, group ids
-    with -1, the unaligned flags with False. Other columns are dropped."""
+    with -1, the unaligned flags with False; add ``prompt_length`` (tokens before the first label, for on-policy
+    generation). Other columns are dropped."""
 
     student_pad_token_id: int
     teacher_pad_token_id: int
+    topk_prefix: str = "teacher_topk"  # the aligned top-k cache's columns, padded when the rows carry them
 
     def padding(self) -> dict[str, tuple[Any, torch.dtype]]:
         """Each column's pad value and dtype."""
@@ -140,4 +217,27 @@ class CrossTokenizerCollator:
                 "hf_distill.lm.cross_tokenizer_data.tokenize_aligned(dataset, student_tokenizer, teacher_tokenizer, "
                 "max_length=...) (or scripts/distill_causal_lm.py --teacher_tokenizer)."
             )
-        return {name: _pad([f[name] for f in features], value, dtype) for name, (value, dtype) in columns.items()}
+        batch = {name: _pad([f[name] for f in features], value, dtype) for name, (value, dtype) in columns.items()}
+        batch[PROMPT_LENGTH_COLUMN] = torch.tensor([_prompt_length(f["labels"]) for f in features], dtype=torch.long)
+        return {**batch, **self._cached(features, batch["teacher_input_ids"].shape[1])}
+
+    def _cached(self, features: Sequence[Mapping[str, Any]], length: int) -> dict[str, torch.Tensor]:
+        """The aligned top-k cache columns (``cache_aligned_teacher_topk``), padded to the teacher's length."""
+        out = {}
+        for suffix, dtype in (("log_probs", torch.float32), ("indices", torch.long), ("token_log_probs", torch.float32)):
+            name = f"{self.topk_prefix}_{suffix}"
+            if name in features[0]:
+                values = [torch.as_tensor(numpy.asarray(f[name])).to(dtype) for f in features]
+                padded = values[0].new_zeros((len(values), length, *values[0].shape[1:]))
+                for b, v in enumerate(values):
+                    padded[b, : len(v)] = v
+                out[name] = padded
+        name = f"{self.topk_prefix}_temperature"
+        if name in features[0]:
+            out[name] = torch.tensor([float(f[name]) for f in features])
+        return out
+
+
+def _prompt_length(labels: Sequence[int]) -> int:
+    """Tokens before the first label (the prompt, which on-policy generation continues)."""
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))

@@ -17,6 +17,13 @@ Per group, :func:`cross_tokenizer_group_losses` uses
 * otherwise **ULD** (Boizard et al. 2024, :func:`uld_distance`) between the group distributions of
   :func:`group_log_probs` (a multi-token group's text probability, on its first token's row).
 
+The teacher side is its logits, or (offline) a :class:`TopKTeacher` read from the aligned top-k cache: per
+row the k largest log-probabilities at ``T`` with their ids, and the log-probability of the row's own next
+token. Then the KL groups compare the shared entries among the k (the rest of the teacher's mass, in or out of
+the k, is the "other" bin) and ULD compares the sorted k values padded with zeros
+(:func:`topk_shared_forward_kl`, :func:`cross_tokenizer_group_losses`); with k = the teacher's vocabulary both
+equal the live losses.
+
 Only ``torch`` is imported here.
 """
 
@@ -102,6 +109,13 @@ class VocabMapping:
     def __len__(self) -> int:
         return int(self.student_ids.numel())
 
+    def teacher_to_student(self, size: int) -> Tensor:
+        """[max(size, max teacher id + 1)]: the student id of a shared teacher id, else -1."""
+        width = max(size, int(self.teacher_ids.max()) + 1 if len(self) else 1)
+        table = torch.full((width,), -1, dtype=torch.long)
+        table[self.teacher_ids] = self.student_ids
+        return table
+
     def pair_is_shared(self, student_token_ids: Tensor, teacher_token_ids: Tensor) -> Tensor:
         """True where the student token and the teacher token are the same shared entry."""
         table = self.student_to_teacher.to(student_token_ids.device)
@@ -151,11 +165,16 @@ def _log_other(log_probs: Tensor, shared_ids: Tensor) -> Tensor:
     outside[shared_ids.to(log_probs.device)] = False
     if not bool(outside.any()):  # no gradient path through an empty logsumexp (its gradient is NaN)
         return log_probs.new_full(log_probs.shape[:-1] + (1,), -math.inf)
-    return log_probs[..., outside].logsumexp(-1, keepdim=True)
+    return log_probs.index_select(-1, outside.nonzero().squeeze(-1)).logsumexp(-1, keepdim=True)
+
+
+def _log_q(logits: Tensor | None, log_probs: Tensor | None, temperature: float) -> Tensor:
+    return log_probs if log_probs is not None else F.log_softmax(logits.float() / temperature, dim=-1)
 
 
 def shared_vocab_forward_kl(
-    student_logits: Tensor, teacher_logits: Tensor, mapping: VocabMapping, temperature: float = 1.0
+    student_logits: Tensor | None, teacher_logits: Tensor, mapping: VocabMapping, temperature: float = 1.0,
+    student_log_probs: Tensor | None = None,
 ) -> Tensor:
     """T² · KL(P ‖ Q) per row over the K shared entries plus one "other" bin.
 
@@ -164,15 +183,81 @@ def shared_vocab_forward_kl(
     with (s_k, t_k) the pairs of ``mapping``. The other bin keeps both distributions whole: the mass a side
     puts outside the shared entries is compared as one outcome, so a student cannot hide mass there
     unpunished (renormalising over the shared entries would ignore it), and with identical vocabularies
-    the bin is empty and the loss is exactly the forward KL over the full vocabulary.
+    the bin is empty and the loss is exactly the forward KL over the full vocabulary. ``student_log_probs``:
+    log q already computed (then ``student_logits`` is not read).
     """
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q = _log_q(student_logits, student_log_probs, temperature)
     teacher_ids, student_ids = mapping.teacher_ids.to(log_p.device), mapping.student_ids.to(log_q.device)
-    big_p = torch.cat([log_p[..., teacher_ids], _log_other(log_p, teacher_ids)], dim=-1)
-    big_q = torch.cat([log_q[..., student_ids], _log_other(log_q, student_ids).clamp_min(_LOG_OTHER_FLOOR)], dim=-1)
+    big_p = torch.cat([log_p.index_select(-1, teacher_ids), _log_other(log_p, teacher_ids)], dim=-1)
+    big_q = torch.cat([log_q.index_select(-1, student_ids), _log_other(log_q, student_ids).clamp_min(_LOG_OTHER_FLOOR)],
+                      dim=-1)
     p = big_p.exp()
     return (p * (big_p - big_q)).masked_fill(p == 0, 0.0).sum(-1) * temperature**2
+
+
+class TopKTeacher(NamedTuple):
+    """The teacher's rows as an offline top-k cache: ``log_probs`` [N, k] (log-probabilities at T, decreasing),
+    ``indices`` [N, k] (their teacher ids) and ``token_log_probs`` [N] (log-probability at T of the token the row
+    predicts, i.e. of the teacher's own next token)."""
+
+    log_probs: Tensor
+    indices: Tensor
+    token_log_probs: Tensor
+
+    def rows(self, which: Tensor) -> "TopKTeacher":
+        """The rows selected by ``which`` (a mask or indices)."""
+        if which.dtype == torch.bool:
+            which = which.nonzero().squeeze(-1)
+        return TopKTeacher(*(x.index_select(0, which.to(x.device)) for x in self))
+
+
+def topk_shared_forward_kl(student_logits: Tensor | None, teacher: TopKTeacher, mapping: VocabMapping,
+                           temperature: float = 1.0, student_log_probs: Tensor | None = None) -> Tensor:
+    """T² · KL(P ‖ Q) per row over the shared entries among the teacher's top k, plus one "other" bin.
+
+    With S_r the top-k entries of row r that the mapping pairs (teacher id t ↔ student id s):
+    P = (p_t for t ∈ S_r, 1 − Σ_{t ∈ S_r} p_t),  Q = (q_s for s ∈ S_r, max(1 − Σ_{s ∈ S_r} q_s, 1e-12)),
+    where the teacher's other bin is its top-k mass outside S_r plus the tail 1 − Σ_topk p (clamped at 0), and
+    the student's is the logsumexp of its entries outside S_r. The approximation: shared entries below the top k
+    join the other bin on both sides. With k = the teacher's vocabulary, S_r is every shared entry and this is
+    :func:`shared_vocab_forward_kl` (up to float rounding).
+    """
+    log_q = _log_q(student_logits, student_log_probs, temperature)
+    indices = teacher.indices.long().to(log_q.device)
+    table = mapping.teacher_to_student(int(indices.max()) + 1 if indices.numel() else 1).to(log_q.device)
+    student_ids = table[indices.clamp(0, table.numel() - 1)]
+    kept = student_ids >= 0
+    log_p = teacher.log_probs.float().to(log_q.device)
+    p = log_p.exp()
+    tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+    p_other = torch.where(kept, 0.0, p).sum(-1) + tail
+    taken = torch.zeros_like(log_q).scatter_add_(-1, student_ids.clamp_min(0), kept.float())
+    log_q_other = log_q.masked_fill(taken > 0, -math.inf).logsumexp(-1).clamp_min(_LOG_OTHER_FLOOR)
+    log_q_kept = log_q.gather(-1, student_ids.clamp_min(0))
+    kept_terms = torch.where(kept & (p > 0), p * (log_p - log_q_kept), 0.0).sum(-1)
+    other = torch.where(p_other > 0, p_other * (p_other.clamp_min(1e-30).log() - log_q_other), 0.0)
+    return (kept_terms + other) * temperature**2
+
+
+def _sorted_decreasing(x: Tensor) -> Tensor:
+    """``x.sort(dim=-1, descending=True).values``, differentiable. On CPU the order comes from NumPy's sort through
+    the tensor's array view (several times faster than ``torch.sort`` for vocabulary-wide rows), then a gather."""
+    if x.device.type != "cpu" or x.dim() != 2:
+        return x.sort(dim=-1, descending=True).values
+    if not x.requires_grad:
+        negated = (-x.detach()).numpy()
+        negated.sort(axis=-1)  # in place: the negated copy
+        return -torch.from_numpy(negated)
+    if x.dtype == torch.float32 and bool((x >= 0).all()):
+        # A non-negative float32's bits order like its value: sort (bits << 32 | index) keys, read the indices.
+        keys = (x.detach().contiguous().view(torch.int32).to(torch.int64) << 32) | torch.arange(x.shape[-1])
+        array = keys.numpy()
+        array.sort(axis=-1)
+        order = torch.from_numpy(array[:, ::-1] & 0xFFFFFFFF)
+    else:
+        order = torch.from_numpy((-x.detach()).numpy().argsort(axis=-1))
+    return x.gather(-1, order.contiguous())
 
 
 def uld_distance(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
@@ -180,8 +265,8 @@ def uld_distance(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
 
     Each row is sorted in decreasing order, and the shorter vocabulary is padded with zeros.
     """
-    q = student_probs.float().sort(dim=-1, descending=True).values
-    p = teacher_probs.float().sort(dim=-1, descending=True).values
+    q = _sorted_decreasing(student_probs.float())
+    p = _sorted_decreasing(teacher_probs.float())
     width = max(q.shape[-1], p.shape[-1])
     q = F.pad(q, (0, width - q.shape[-1]))
     p = F.pad(p, (0, width - p.shape[-1]))
@@ -209,8 +294,12 @@ def _first_rows(group_ids: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Ten
     return gid, first, counts[:num_groups]
 
 
-def group_log_probs(log_probs: Tensor, token_ids: Tensor, group_ids: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+def group_log_probs(log_probs: Tensor, token_ids: Tensor | None, group_ids: Tensor, num_groups: int,
+                    own: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """log r_g(v) = log p_f(v) + Σ_{j ∈ g, j ≠ f} log p_j(x_j), with f the first row of group g.
+
+    ``own`` [N]: log p_j(x_j) given directly (a top-k cache, whose ``log_probs`` hold only the k largest);
+    else it is read from ``log_probs`` at ``token_ids``.
 
     r_g is the first token's distribution scaled by the probability of the group's later tokens, so
     r_g(x_f) = Π_{j ∈ g} p_j(x_j) is the probability of the group's text (chain rule). The first row is
@@ -223,10 +312,12 @@ def group_log_probs(log_probs: Tensor, token_ids: Tensor, group_ids: Tensor, num
     present = first[:num_groups] < n
     if n == 0:
         return log_probs.new_full((num_groups, log_probs.shape[-1]), -math.inf), present
-    own = log_probs.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    if own is None:
+        own = log_probs.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    own = own.to(log_probs.dtype)
     later = (group_ids >= 0) & (torch.arange(n, device=log_probs.device) != first[gid])
     rest = log_probs.new_zeros(num_groups + 1).index_add(0, gid, torch.where(later, own, 0.0))[:num_groups]
-    base = log_probs[first[:num_groups].clamp(max=n - 1)]
+    base = log_probs.index_select(0, first[:num_groups].clamp(max=n - 1))
     return torch.where(present.unsqueeze(-1), base + rest.unsqueeze(-1), -math.inf), present
 
 
@@ -241,7 +332,7 @@ class GroupLosses(NamedTuple):
 
 def cross_tokenizer_group_losses(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | TopKTeacher,
     student_token_ids: Tensor,
     teacher_token_ids: Tensor,
     student_group_ids: Tensor,
@@ -250,6 +341,7 @@ def cross_tokenizer_group_losses(
     mapping: VocabMapping,
     temperature: float = 1.0,
     mode: str = "hybrid",
+    student_log_probs: Tensor | None = None,
 ) -> GroupLosses:
     """One loss per aligned group, from flat rows of both sides (see the module docstring).
 
@@ -257,13 +349,46 @@ def cross_tokenizer_group_losses(
     T² · KL(P ‖ Q) of :func:`shared_vocab_forward_kl`; every other group gets
     ULD(r^s_g, r^t_g) = Σ_i |sort↓(r^s_g)_i − sort↓(r^t_g)_i| with r_g of :func:`group_log_probs` on
     softmax(z / T) (no T² factor). ``mode="uld"``: ULD for every group. Rows of no group are ignored.
+    A :class:`TopKTeacher` (offline cache) uses :func:`topk_shared_forward_kl`, and ULD on its k sorted values
+    (r^t_g has k entries, padded with zeros: the tail mass is left out). ``student_log_probs``: the rows'
+    log_softmax(z_s / T), when the caller has it (one log_softmax serves every group and its CE at T = 1).
     """
     if mode not in ("hybrid", "uld"):
         raise ValueError(f"Unknown cross-tokenizer loss mode {mode!r}; choose 'hybrid' or 'uld'.")
-    s_keep, t_keep = student_group_ids >= 0, teacher_group_ids >= 0
-    s_logits, t_logits = student_logits[s_keep], teacher_logits[t_keep]
-    s_tok, t_tok = student_token_ids[s_keep].long(), teacher_token_ids[t_keep].long()
-    s_gid, t_gid = student_group_ids[s_keep].long(), teacher_group_ids[t_keep].long()
+    s_idx, t_idx = (student_group_ids >= 0).nonzero().squeeze(-1), (teacher_group_ids >= 0).nonzero().squeeze(-1)
+    s_tok, t_tok = student_token_ids[s_idx].long(), teacher_token_ids[t_idx].long()
+    s_gid, t_gid = student_group_ids[s_idx].long(), teacher_group_ids[t_idx].long()
+    s_first, t_first, valid, uses_kl = _kinds(s_gid, t_gid, s_tok, t_tok, num_groups, mapping, mode)
+
+    def student_rows(which: Tensor) -> Tensor:  # log q of the kept rows at positions `which`
+        rows = s_idx[which]
+        if student_log_probs is not None:
+            return student_log_probs.index_select(0, rows)
+        return F.log_softmax(student_logits.index_select(0, rows).float() / temperature, dim=-1)
+
+    loss = student_logits.new_zeros(num_groups, dtype=torch.float32)
+    kl_idx = uses_kl.nonzero().squeeze(-1)
+    if kl_idx.numel():
+        t_rows, s_log = t_idx[t_first[kl_idx]], student_rows(s_first[kl_idx])
+        kl = topk_shared_forward_kl(None, teacher_logits.rows(t_rows), mapping, temperature, s_log) \
+            if isinstance(teacher_logits, TopKTeacher) else \
+            shared_vocab_forward_kl(None, teacher_logits.index_select(0, t_rows), mapping, temperature, s_log)
+        loss = loss.index_put((kl_idx,), kl)
+    uld_idx = (valid & ~uses_kl).nonzero().squeeze(-1)
+    if uld_idx.numel():  # only the rows of the ULD groups, renumbered 0..U-1
+        renumber = torch.full((num_groups,), -1, dtype=torch.long, device=uld_idx.device)
+        renumber[uld_idx] = torch.arange(uld_idx.numel(), device=uld_idx.device)
+        s_sel, t_sel = (renumber[s_gid] >= 0).nonzero().squeeze(-1), (renumber[t_gid] >= 0).nonzero().squeeze(-1)
+        s_r, _ = group_log_probs(student_rows(s_sel), s_tok[s_sel], renumber[s_gid[s_sel]], uld_idx.numel())
+        t_r = _teacher_group_log_probs(teacher_logits, t_idx[t_sel], t_tok[t_sel], renumber[t_gid[t_sel]],
+                                       uld_idx.numel(), temperature)
+        loss = loss.index_put((uld_idx,), uld_distance(s_r.exp(), t_r.exp()))
+    return GroupLosses(loss, uses_kl, valid)
+
+
+def _kinds(s_gid: Tensor, t_gid: Tensor, s_tok: Tensor, t_tok: Tensor, num_groups: int, mapping: VocabMapping,
+           mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per group: its first row on each side, whether both sides have rows, and whether the KL scores it."""
     _, s_first, s_counts = _first_rows(s_gid, num_groups)
     _, t_first, t_counts = _first_rows(t_gid, num_groups)
     valid = (s_counts > 0) & (t_counts > 0)
@@ -273,16 +398,15 @@ def cross_tokenizer_group_losses(
     if mode == "hybrid" and bool(valid.any()):
         single = valid & (s_counts == 1) & (t_counts == 1)
         uses_kl = single & mapping.pair_is_shared(s_tok[s_first], t_tok[t_first])
-    loss = student_logits.new_zeros(num_groups, dtype=torch.float32)
-    kl_idx = uses_kl.nonzero().squeeze(-1)
-    if kl_idx.numel():
-        kl = shared_vocab_forward_kl(s_logits[s_first[kl_idx]], t_logits[t_first[kl_idx]], mapping, temperature)
-        loss = loss.index_put((kl_idx,), kl)
-    uld_idx = (valid & ~uses_kl).nonzero().squeeze(-1)
-    if uld_idx.numel():
-        s_log = F.log_softmax(s_logits.float() / temperature, dim=-1)
-        t_log = F.log_softmax(t_logits.float() / temperature, dim=-1)
-        s_r, _ = group_log_probs(s_log, s_tok, s_gid, num_groups)
-        t_r, _ = group_log_probs(t_log, t_tok, t_gid, num_groups)
-        loss = loss.index_put((uld_idx,), uld_distance(s_r[uld_idx].exp(), t_r[uld_idx].exp()))
-    return GroupLosses(loss, uses_kl, valid)
+    return s_first, t_first, valid, uses_kl
+
+
+def _teacher_group_log_probs(teacher: Tensor | TopKTeacher, rows: Tensor, token_ids: Tensor, group_ids: Tensor,
+                             num_groups: int, temperature: float) -> Tensor:
+    """The teacher's r_g of :func:`group_log_probs` from its ``rows`` (with their tokens and groups): over its
+    vocabulary (logits), or over its top k (a cache)."""
+    if isinstance(teacher, TopKTeacher):
+        top = teacher.rows(rows)
+        return group_log_probs(top.log_probs.float(), None, group_ids, num_groups, own=top.token_log_probs)[0]
+    log_probs = F.log_softmax(teacher.index_select(0, rows).float() / temperature, dim=-1)
+    return group_log_probs(log_probs, token_ids, group_ids, num_groups)[0]
