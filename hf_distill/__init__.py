@@ -33,6 +33,7 @@ _PUBLIC = {
     "convert_llama2c": "llama2c",
     "tokenize_completions": "causal_lm",
     "tokenize_aligned": "lm.cross_tokenizer_data",
+    "cache_aligned_teacher_topk": "cross_tokenizer",
     "CompletionCollator": "causal_lm",
     "generate_teacher_completions": "causal_lm",
     "cache_teacher_completions": "causal_lm",

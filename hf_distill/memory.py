@@ -325,11 +325,8 @@ def estimate_peak_memory(
     dims = _dims(student)
     activations = _activation_bytes(student, dims, batch_size, seq_length, dtype_bytes, activation_method, notes)
     teacher_forward = _teacher_forward_bytes(teacher, batch_size, seq_length) if teacher is not None else 0
-    intermediate_outputs = 0
-    if teacher is not None and (teacher_hidden_states or teacher_attentions or projected_layers):
-        element = teacher_dtype_bytes or next((p.element_size() for p in teacher.parameters()), 4)
-        intermediate_outputs = _intermediate_output_bytes(teacher, batch_size, seq_length, teacher_hidden_states,
-                                                          teacher_attentions, projected_layers, element)
+    intermediate_outputs = _teacher_internals_bytes(teacher, batch_size, seq_length, teacher_hidden_states,
+                                                    teacher_attentions, projected_layers, teacher_dtype_bytes)
     width = vocab_or_labels if vocab_or_labels is not None else _output_width(student, dims, task)
     rows = batch_size * (1 if task == "sequence-classification" else seq_length)
     logits_and_loss = _fused_loss_bytes(rows, width) if fused_lm_loss else _logits_and_loss_bytes(
@@ -341,6 +338,16 @@ def estimate_peak_memory(
         logits_and_loss=int(logits_and_loss), resident=resident,
         gradient_accumulation_steps=gradient_accumulation_steps, notes=notes,
     )
+
+
+def _teacher_internals_bytes(teacher: Optional[nn.Module], batch_size: int, seq_length: int, hidden_states: bool,
+                             attentions: bool, projected_layers: int, teacher_dtype_bytes: Optional[int]) -> int:
+    """What the intermediate terms keep of the teacher's internals (0 without them)."""
+    if teacher is None or not (hidden_states or attentions or projected_layers):
+        return 0
+    element = teacher_dtype_bytes or next((p.element_size() for p in teacher.parameters()), 4)
+    return _intermediate_output_bytes(teacher, batch_size, seq_length, hidden_states, attentions, projected_layers,
+                                      element)
 
 
 def _weight_parts(student: nn.Module, teacher: Optional[nn.Module], optimizer: str, extra: list[torch.Tensor],
