@@ -184,14 +184,20 @@ def tokenize_completions(
     encoder = _CompletionEncoder(tokenizer, source, messages_column, max_length, add_eos, truncation_side)
     tokenized = dataset.map(encoder, batched=True, with_indices=True, num_proc=num_proc, desc="Tokenizing completions",
                             remove_columns=[c for c in columns if c in source or c in produced])
+    _check_tokenized(tokenized, source == [prompt_column], max_length, truncation_side)
+    return tokenized.remove_columns([_RAW_PROMPT_LENGTH, _COMPLETION_LENGTH])
+
+
+def _check_tokenized(tokenized: datasets.Dataset, prompt_only: bool, max_length: int, truncation_side: str) -> None:
+    """Refuse prompts without room for a completion (right truncation) or, prompt-only, empty prompts; warn of
+    examples without completion tokens."""
     if truncation_side == "right":
         _refuse_prompts_without_room(tokenized[_RAW_PROMPT_LENGTH], max_length)
-    if source == [prompt_column]:
+    if prompt_only:
         _refuse_empty_prompts(tokenized[_RAW_PROMPT_LENGTH])
         logger.info("Prompt-only data: %d prompts, completed by the student at each step (lmbda=1).", len(tokenized))
     elif empty := sum(1 for n in tokenized[_COMPLETION_LENGTH] if n == 0):
         logger.warning("%d example(s) have no completion tokens and contribute nothing to the loss.", empty)
-    return tokenized.remove_columns([_RAW_PROMPT_LENGTH, _COMPLETION_LENGTH])
 
 
 def _check_tokenize_arguments(tokenizer: Any, max_length: int, truncation_side: str, add_eos: bool) -> None:

@@ -172,10 +172,9 @@ def generate_on_policy_batch(
 
     Returns right-padded ``input_ids`` (prompt + completion), ``attention_mask``, ``labels``
     (-100 on the prompt, on padding and on anything after a row's first EOS; the EOS itself is a
-    label), ``prompt_length`` and ``completion_finished`` (True where an EOS ended the completion, False
-    where ``max_new_tokens`` cut it), on the student's device. Right padding keeps plain forwards
-    (no ``position_ids``) position-correct. Other columns of ``batch`` are not carried over:
-    they describe the old completions.
+    label), ``prompt_length`` and ``completion_finished`` (False where ``max_new_tokens`` cut it), on
+    the student's device. Right padding keeps plain forwards (no ``position_ids``) position-correct.
+    Other columns of ``batch`` are not carried over: they describe the old completions.
     """
     _check_generation(max_new_tokens, temperature, top_p, top_k)
     eos = _id_list(eos_token_id)
@@ -200,7 +199,6 @@ def generate_on_policy_batch(
         sequences = _sequences(model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs))
     generated = sequences[:, prompt_ids.shape[1] :]
     keep = ~_after_first_eos(generated, eos)
-    finished = torch.isin(generated, generated.new_tensor(eos)).any(dim=1)  # an EOS ended the completion
     completion_lengths = keep.sum(dim=1).tolist()
     rows = [torch.cat([p, g[:n]]) for p, g, n in zip(prompts, generated, completion_lengths)]
     labels = [
@@ -211,7 +209,7 @@ def generate_on_policy_batch(
         "attention_mask": _pad([torch.ones_like(r) for r in rows], 0, "right"),
         "labels": _pad(labels, IGNORE_INDEX, "right"),
         PROMPT_LENGTH_COLUMN: torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device),
-        FINISHED_COLUMN: finished,
+        FINISHED_COLUMN: torch.isin(generated, generated.new_tensor(eos)).any(dim=1),  # an EOS ended it
     }
 
 
