@@ -131,7 +131,7 @@ def test_prompt_only_training_logs_trl_metrics(tmp_path, tokenizer, monkeypatch)
         total, count = _entropy_reference(logits, batch["labels"], temperature)
         assert count == sum(lengths)
         assert log["entropy"] == pytest.approx(total / count, rel=1e-4)
-        assert log["loss_kd"] > 0 and log["loss_kd"] == pytest.approx(log["loss"], rel=1e-3)
+        assert log["loss_kd"] > 0 and log["loss_kd"] == pytest.approx(log["loss"], rel=1e-3, abs=1e-4)  # 4.57 rounds
 
 
 def test_chat_prompts_train_on_policy_and_the_student_moves(tmp_path, tokenizer) -> None:
