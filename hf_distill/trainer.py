@@ -267,7 +267,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         student_outputs = model(**student_inputs, **self._output_flags(fused))
         student_logits = task_logits(student_outputs, self.task)
         temperature, alpha = self.current_temperature(), self.current_alpha()
-        self.on_policy_log.add_entropy(student_logits, inputs, model.training, temperature)  # generated batches
+        self.on_policy_log.add_entropy(student_outputs, model, inputs, model.training, temperature)  # generated
         items, examples = self._normalisers(inputs, record, model.training)
         if alignment is not None:  # cross-tokenizer: alpha · Σ_groups L_g + (1 − alpha) · CE (cross_tokenizer.py)
             targets = [((None,), 1.0)]

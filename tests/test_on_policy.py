@@ -93,7 +93,8 @@ def _entropy_reference(logits: torch.Tensor, labels: torch.Tensor, temperature: 
     return float(torch.distributions.Categorical(logits=rows).entropy().sum()), int(rows.shape[0])
 
 
-def test_prompt_only_training_logs_trl_metrics(tmp_path, tokenizer, monkeypatch) -> None:
+@pytest.mark.parametrize("fused", ["false", "true"])  # entropy from the full logits, or hidden states through lm_head
+def test_prompt_only_training_logs_trl_metrics(tmp_path, tokenizer, monkeypatch, fused) -> None:
     """lr 0: the student is the same at every step, so its entropy is recomputed after training from the batches."""
     generated = []
     original = DistillationTrainer.on_policy_inputs
@@ -108,9 +109,10 @@ def test_prompt_only_training_logs_trl_metrics(tmp_path, tokenizer, monkeypatch)
                                                                       "hello there"]}), tokenizer, max_length=16)
     student, temperature = tiny_llama(1), 2.0
     trainer = DistillationTrainer(student, tiny_llama(2), _args(tmp_path, learning_rate=0.0, temperature=temperature,
-                                                                      max_completion_length=6),
+                                                                      max_completion_length=6, fused_lm_loss=fused),
                                   train_dataset=data, data_collator=CompletionCollator(tokenizer),
                                   processing_class=tokenizer)
+    assert trainer.fused_lm.enabled is (fused == "true")
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == len(generated) == 3

@@ -18,7 +18,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..losses.fused_linear import chunk_logits as head_logits
+from ..losses.fused_linear import logit_postprocessing
 from ..tasks import token_weights, unwrap_model
+from .fused_step import _sharded, fusable_head
 from .data import FINISHED_COLUMN, IGNORE_INDEX, PROMPT_LENGTH_COLUMN
 from .generation import generate_on_policy_batch
 
@@ -74,17 +77,42 @@ def completion_entropy(logits: torch.Tensor, weights: torch.Tensor, temperature:
     """(Σ_rows w · H(softmax(z / T)), Σ w) over the rows with weight > 0, chunk by chunk and without gradient:
     H = −Σ_v p_v log p_v in nats; ``logits`` [..., V], ``weights`` of the same leading shape. A chunk holds at
     most ``chunk_logits`` logits and an eighth of the rows, so it adds little to the step's peak memory."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    return _entropy_sum(lambda rows: flat.index_select(0, rows), flat.shape[-1], weights, temperature, chunk_logits)
+
+
+def _entropy_sum(row_logits: Callable[[torch.Tensor], torch.Tensor], vocab: int, weights: torch.Tensor,
+                 temperature: float, chunk_logits: int = ENTROPY_CHUNK_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`completion_entropy` over ``row_logits(indices)``, the logits of the given flat rows."""
     with torch.no_grad():
-        flat = logits.detach().reshape(-1, logits.shape[-1])
-        w = weights.reshape(-1).to(flat.device).float()
+        w = weights.reshape(-1).float()
         index = torch.nonzero(w > 0).squeeze(1)
-        total = torch.zeros((), device=flat.device)
-        rows = max(1, min(chunk_logits // flat.shape[-1], -(-index.numel() // 8)))
+        total = torch.zeros((), device=w.device)
+        rows = max(1, min(chunk_logits // vocab, -(-index.numel() // 8)))
         for start in range(0, index.numel(), rows):
             part = index[start : start + rows]
-            log_p = torch.log_softmax(flat.index_select(0, part).float().div_(temperature), dim=-1)
-            total += (w[part] * log_p.exp().mul_(log_p).sum(-1)).sum().neg()
+            log_p = torch.log_softmax(row_logits(part).float().div_(temperature), dim=-1)
+            total += (w[part] * log_p.exp().mul_(log_p).sum(-1).to(w.device)).sum().neg()
         return total, w.sum()
+
+
+def _row_logits(outputs: Any, model: torch.nn.Module, weights: torch.Tensor) -> Optional[tuple[Callable, int]]:
+    """(indices -> those flat rows' logits, V): the model's logits when it made them at every position, else (the
+    fused-linear path, ``logits_to_keep`` empty) its last hidden states through its ``lm_head``; None when neither
+    is readable (a sharded head is not gathered again for a log line)."""
+    logits = getattr(outputs, "logits", None)
+    if logits is not None and logits.shape[:-1] == weights.shape:
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        return (lambda rows: flat.index_select(0, rows)), flat.shape[-1]
+    hidden = getattr(outputs, "hidden_states", None)
+    head = fusable_head(model)[0]
+    if not hidden or head is None or hidden[-1].shape[:-1] != weights.shape or _sharded(head.weight):
+        return None
+    states = hidden[-1].detach().reshape(-1, hidden[-1].shape[-1])
+    post = logit_postprocessing(unwrap_model(model).config)
+    bias = None if head.bias is None else head.bias.detach()
+    weight = head.weight.detach()
+    return (lambda rows: head_logits(states.index_select(0, rows), weight, bias, post)), weight.shape[0]
 
 
 class OnPolicyLog:
@@ -122,12 +150,17 @@ class OnPolicyLog:
         for name, value in updates.items():
             self._sums[name] += torch.as_tensor(value, device=self.device)
 
-    def add_entropy(self, logits: Optional[torch.Tensor], inputs: Mapping[str, torch.Tensor], training: bool,
+    def add_entropy(self, outputs: Any, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], training: bool,
                     temperature: float = 1.0) -> None:
-        """Add the student's entropy over the completion tokens of a generated training batch (others: nothing)."""
-        if not training or logits is None or FINISHED_COLUMN not in inputs:
+        """Add the student's entropy over the completion tokens of a generated training batch (others: nothing),
+        from its logits or, on the fused-linear path, its last hidden states through its ``lm_head``."""
+        if not training or FINISHED_COLUMN not in inputs:
             return
-        total, tokens = completion_entropy(logits, token_weights(inputs, "causal-lm"), temperature)
+        weights = token_weights(inputs, "causal-lm")
+        source = _row_logits(outputs, model, weights)
+        if source is None:
+            return
+        total, tokens = _entropy_sum(source[0], source[1], weights, temperature)
         self._sums["entropy"] += total.to(self.device)
         self._sums["entropy_tokens"] += tokens.to(self.device)
 
