@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -258,12 +259,31 @@ class DistillationArguments(TrainingArguments):
     lmbda: float = field(
         default=0.0,
         metadata={"help": "Probability in [0, 1], per optimizer step, that the student generates the completions it "
-                  "is trained on (on-policy, GKD). 0: the dataset's completions only."},
+                  "is trained on (on-policy, GKD). 0: the dataset's completions only; 1: always on-policy (TRL's "
+                  "DistillationTrainer), the only value for prompt-only data."},
     )
-    generation_max_new_tokens: int = field(default=64, metadata={"help": "On-policy generation: new tokens at most."})
-    generation_temperature: float = field(default=1.0, metadata={"help": "On-policy generation: sampling temperature (> 0)."})
-    generation_top_p: float = field(default=1.0, metadata={"help": "On-policy generation: nucleus top-p in (0, 1]."})
-    generation_top_k: int = field(default=0, metadata={"help": "On-policy generation: top-k (0: off)."})
+    max_completion_length: int = field(
+        default=64,
+        metadata={"help": "On-policy generation: new tokens at most per completion (TRL's max_completion_length; "
+                  "was generation_max_new_tokens)."},
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={"help": "On-policy generation: sampling temperature (> 0). TRL's single `temperature` sets both "
+                  "this and the loss temperature: pass --temperature T --generation_temperature T for the same."},
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "On-policy generation: nucleus top-p in (0, 1] (TRL's top_p; was generation_top_p)."},
+    )
+    top_k: int = field(
+        default=0, metadata={"help": "On-policy generation: top-k, 0: off (TRL's top_k; was generation_top_k)."}
+    )
+    generation_max_new_tokens: Optional[int] = field(
+        default=None, metadata={"help": "Deprecated name of max_completion_length."}
+    )
+    generation_top_p: Optional[float] = field(default=None, metadata={"help": "Deprecated name of top_p."})
+    generation_top_k: Optional[int] = field(default=None, metadata={"help": "Deprecated name of top_k."})
 
     # --- production: preflight, fault handling, atomic saving, compile ---------------------------
     preflight: bool = field(
@@ -369,14 +389,29 @@ class DistillationArguments(TrainingArguments):
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
         _unit_interval("lmbda", self.lmbda)
-        if self.generation_max_new_tokens < 1:
-            raise ValueError(f"`generation_max_new_tokens` must be >= 1, got {self.generation_max_new_tokens}.")
+        self._check_generation_settings()
+
+    def _check_generation_settings(self) -> None:
+        """Fold the deprecated generation_* names into TRL's names, then range-check the sampling settings."""
+        for old, new in (("generation_max_new_tokens", "max_completion_length"), ("generation_top_p", "top_p"),
+                         ("generation_top_k", "top_k")):
+            value = getattr(self, old)
+            if value is None:
+                continue
+            default = next(f.default for f in fields(DistillationArguments) if f.name == new)
+            if getattr(self, new) not in (default, value):
+                raise ValueError(f"`{old}` is the deprecated name of `{new}`: pass only --{new}.")
+            warnings.warn(f"`{old}` is deprecated: use `{new}` (TRL's name).", FutureWarning, stacklevel=3)
+            setattr(self, new, value)
+            setattr(self, old, None)
+        if self.max_completion_length < 1:
+            raise ValueError(f"`max_completion_length` must be >= 1, got {self.max_completion_length}.")
         if not self.generation_temperature > 0:
             raise ValueError(f"`generation_temperature` must be > 0, got {self.generation_temperature}.")
-        if not 0.0 < self.generation_top_p <= 1.0:
-            raise ValueError(f"`generation_top_p` must be in (0, 1], got {self.generation_top_p}.")
-        if self.generation_top_k < 0:
-            raise ValueError(f"`generation_top_k` must be >= 0, got {self.generation_top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"`top_k` must be >= 0 (0: off), got {self.top_k}.")
 
     def _check_encoder_tasks(self) -> None:
         """The embedding_* fields, and the encoder tasks' refusals: logit-term settings, no active term."""

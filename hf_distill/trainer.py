@@ -37,7 +37,8 @@ from transformers import PreTrainedModel, Trainer
 
 from .arguments import DistillationArguments
 from .lm.fused_step import FusedLMLoss
-from .lm.generation import draw_on_policy, generate_on_policy_batch
+from .lm.generation import draw_on_policy
+from .lm.on_policy import OnPolicyLog, check_on_policy_data
 from .collator import TeacherColumnsCollator
 from .cross_tokenizer import ALIGNMENT_COLUMNS, CrossTokenizerLoss
 from .encoder_tasks import build_encoder_task, encoder_metrics, encoder_recipe, save_encoder_files, trained_beside
@@ -134,6 +135,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             if dataset is not None and hasattr(dataset, "__len__") and not isinstance(dataset, dict) and len(dataset) == 0:
                 raise ValueError(f"`{name}` is empty: there is nothing to distil on. Check the data loading and filters.")
+        check_on_policy_data(self.args, self.train_dataset, self.eval_dataset)  # prompt-only data needs lmbda = 1
         separate = any(c.startswith("teacher_input_ids") for c in self.cache.dataset_columns)
         modes = {check_vocabularies(teacher, self.model, teacher_processing_class, self.processing_class,
                                     separate_teacher_inputs=separate, allow_larger_teacher=self.args.truncate_teacher_vocab,
@@ -160,6 +162,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self.term_log = TermLog(args.device)
+        self.on_policy_log = OnPolicyLog(args.device, enabled=self.task == "causal-lm" and args.lmbda > 0)
         self._eval_counts: dict[str, torch.Tensor] = {}
         self.preflight_report: Optional[PreflightReport] = None
         self.fused_lm = FusedLMLoss.for_trainer(self)  # causal LM: loss from hidden states + lm_head (lm/fused_step.py)
@@ -251,15 +254,8 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         return StepRecord(items, examples, on_policy)
 
     def on_policy_inputs(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Replace the batch's completions by the student's own (prompts kept)."""
-        pad = getattr(self.processing_class, "pad_token_id", None)
-        eos = getattr(self.processing_class, "eos_token_id", None) or getattr(unwrap_model(model).config, "eos_token_id", None)
-        a = self.args
-        return generate_on_policy_batch(
-            model, inputs, pad_token_id=pad if pad is not None else eos, eos_token_id=eos,
-            max_new_tokens=a.generation_max_new_tokens, temperature=a.generation_temperature,
-            top_p=a.generation_top_p, top_k=a.generation_top_k, do_sample=True,
-        )
+        """Replace the batch's completions by the student's own (prompts kept); lm/on_policy.py logs them."""
+        return self.on_policy_log.generate(model, inputs, self.args, self.processing_class)
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -278,6 +274,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         student_outputs = model(**student_inputs, **self._output_flags(fused))
         student_logits = task_logits(student_outputs, self.task)
         temperature, alpha = self.current_temperature(), self.current_alpha()
+        self.on_policy_log.add_entropy(student_outputs, model, inputs, model.training, temperature)  # generated
         items, examples = self._normalisers(inputs, record, model.training)
         if self.encoder is not None:  # no logits (encoder_tasks.py): the embedding term, or none beside the intermediate
             targets = [((None,), 1.0)]
@@ -384,6 +381,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             # counted globally, else average the per-process means.
             reduction = "sum" if self.args.average_tokens_across_devices else "mean"
             logs.update(self.term_log.pop_train(self._reduce, reduction))
+            logs.update(self.on_policy_log.pop(self._reduce))
             if self._non_finite.total:
                 logs["non_finite_losses"] = self._non_finite.total
         super().log(logs, *args, **kwargs)

@@ -12,6 +12,8 @@ and after training: per-token KL(teacher ‖ student), perplexity and top-1 agre
     python scripts/distill_causal_lm.py --teacher_topk 32 --output_dir runs/topk   # cached top-k, no teacher at train time
     python scripts/distill_causal_lm.py --student path/to/small --use_lora --merge_lora --output_dir runs/lora
     python scripts/distill_causal_lm.py --teacher org/big-lm --dataset data.jsonl --max_length 512 --output_dir runs/x
+    python scripts/distill_causal_lm.py --dataset prompts.jsonl --lmbda 1 --alpha 1 --distillation_loss jsd \
+        --max_completion_length 64 --output_dir runs/onpolicy   # prompts only: the student completes them (TRL-style)
     python scripts/distill_causal_lm.py --student path/to/other --teacher_tokenizer path/to/teacher_tokenizer \\
         --dataset data.jsonl --output_dir runs/xtok      # a student with its own tokenizer (cross-tokenizer)
     accelerate launch scripts/distill_causal_lm.py --output_dir runs/ddp      # same flags, several processes
@@ -101,9 +103,10 @@ class ScriptArguments:
     )
     dataset: Optional[str] = field(
         default=None,
-        metadata={"help": "Training data with prompt/completion columns (or chat 'messages'): a .json/.jsonl file, a "
-                  "folder saved with save_to_disk, or a Hub dataset id. Default: story openings completed by the "
-                  "teacher (sequence-level KD)."},
+        metadata={"help": "Training data with prompt/completion columns (or chat 'messages'), or prompts only "
+                  "(a 'prompt' column of text or chat messages, completed by the student at every step: --lmbda 1): "
+                  "a .json/.jsonl file, a folder saved with save_to_disk, or a Hub dataset id. Default: story "
+                  "openings completed by the teacher (sequence-level KD)."},
     )
     dataset_config: Optional[str] = field(default=None, metadata={"help": "Config name of a Hub dataset."})
     dataset_split: str = field(default="train", metadata={"help": "Split of --dataset to train on."})
@@ -338,8 +341,10 @@ def _teacher_samples(teacher: Any, tokenizer: Any, prompts: Sequence[Any], scrip
     )
 
 
-def build_datasets(script: ScriptArguments, teacher: Any, tokenizer: Any, cache_dir: Path, seed: int) -> tuple[Any, Any]:
-    """(train, held-out) text datasets with prompt/completion (or messages) columns."""
+def build_datasets(script: ScriptArguments, teacher: Any, tokenizer: Any, cache_dir: Path, seed: int,
+                   lmbda: float = 0.0) -> tuple[Any, Any]:
+    """(train, held-out) text datasets with prompt/completion (or messages) columns; prompt-only training data
+    (with ``lmbda`` = 1) stays prompt-only, and its held-out prompts are completed by teacher samples."""
     if script.dataset is None:
         train = _teacher_samples(teacher, tokenizer, STORY_OPENINGS * script.samples_per_prompt, script, cache_dir, seed)
         heldout = _teacher_samples(teacher, tokenizer, HELDOUT_OPENINGS * script.heldout_samples_per_prompt, script,
@@ -354,10 +359,12 @@ def build_datasets(script: ScriptArguments, teacher: Any, tokenizer: Any, cache_
         train, heldout = parts["train"], parts["test"]
     else:
         heldout = None
-    check_columns(train, script)
+    prompt_only = check_columns(train, script, lmbda)
     if script.max_train_samples:
         train = train.select(range(min(script.max_train_samples, len(train))))
-    if script.teacher_completions:
+    if heldout is not None and is_prompt_only_text(heldout, script):  # held-out teacher samples of the prompts
+        heldout = _teacher_samples(teacher, tokenizer, heldout[script.prompt_column], script, cache_dir, seed + 1)
+    if script.teacher_completions and not prompt_only:
         if script.prompt_column not in train.column_names:
             raise ValueError(f"--teacher_completions needs a '{script.prompt_column}' column; the data has "
                              f"{train.column_names}.")
@@ -365,16 +372,32 @@ def build_datasets(script: ScriptArguments, teacher: Any, tokenizer: Any, cache_
     return train, heldout
 
 
-def check_columns(dataset: Any, script: ScriptArguments) -> None:
-    """Refuse data without prompt/completion (or chat) columns, naming the columns found and the flags."""
+def is_prompt_only_text(dataset: Any, script: ScriptArguments) -> bool:
+    """A prompt column (text or chat messages) without completions or chat ``messages``."""
     columns = set(dataset.column_names)
+    return script.prompt_column in columns and not {script.completion_column, script.messages_column} & columns
+
+
+def check_columns(dataset: Any, script: ScriptArguments, lmbda: float = 0.0) -> bool:
+    """Refuse data without prompt/completion (or chat) columns, naming the columns found and the flags; True for
+    prompt-only data that the student completes at every step (``--lmbda 1``; else refused, naming the flag)."""
+    columns = set(dataset.column_names)
+    if is_prompt_only_text(dataset, script) and not script.teacher_completions:
+        if lmbda < 1:
+            raise ValueError(
+                f"--dataset {script.dataset} has prompts only ('{script.prompt_column}', no "
+                f"'{script.completion_column}'): the student must complete them at every step. Pass --lmbda 1 "
+                "(on-policy, as TRL's DistillationTrainer), or --teacher_completions true to train on teacher samples."
+            )
+        return True
     if script.messages_column in columns or script.prompt_column in columns and (
             script.completion_column in columns or script.teacher_completions):
-        return
+        return False
     raise ValueError(
         f"--dataset {script.dataset} has columns {sorted(columns)}, but this script trains on prompt/completion pairs "
-        f"('{script.prompt_column}' + '{script.completion_column}') or chat '{script.messages_column}'. Name yours with "
-        "--prompt_column / --completion_column / --messages_column (--teacher_completions: prompts only)."
+        f"('{script.prompt_column}' + '{script.completion_column}'), chat '{script.messages_column}', or prompts only "
+        "with --lmbda 1 (on-policy). Name yours with --prompt_column / --completion_column / --messages_column "
+        "(--teacher_completions: complete the prompts with teacher samples)."
     )
 
 
@@ -464,7 +487,8 @@ def prepare_data(script: ScriptArguments, args: Any, teacher: Any, tokenizer: An
 
     cache_dir = Path(script.completions_cache_dir) if script.completions_cache_dir else Path(args.output_dir) / "cache"
     with args.main_process_first(desc="teacher completions and tokenization"):
-        train_text, heldout_text = build_datasets(script, teacher, teacher_tokenizer or tokenizer, cache_dir, args.seed)
+        train_text, heldout_text = build_datasets(script, teacher, teacher_tokenizer or tokenizer, cache_dir, args.seed,
+                                                  args.lmbda)
         train = tokenize(train_text, tokenizer, script, teacher_tokenizer=teacher_tokenizer)
         heldout = tokenize(heldout_text, tokenizer, script, script.max_eval_samples) if heldout_text is not None else None
         if script.teacher_topk:

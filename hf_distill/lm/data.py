@@ -1,7 +1,8 @@
 """Causal-LM data: completion-only tokenization (prompt tokens masked with -100) and collation.
 
 - :func:`tokenize_completions` turns prompt/completion columns, or chat ``messages``, into
-  ``input_ids`` / ``attention_mask`` / ``labels`` (-100 on the prompt) plus ``prompt_length``.
+  ``input_ids`` / ``attention_mask`` / ``labels`` (-100 on the prompt) plus ``prompt_length``; a ``prompt``
+  column alone gives prompt-only rows, completed by the student at every step (on-policy, ``lmbda = 1``).
 - :class:`CompletionCollator` pads a batch of those rows (labels with -100) or, with
   ``prompt_only=True``, returns the left-padded prompts for generation.
 
@@ -146,7 +147,11 @@ def tokenize_completions(
       chat messages as the prompt and a string or assistant message(s) as the completion;
     - a ``messages`` column: the prompt is every message before the last assistant message,
       rendered with ``apply_chat_template(add_generation_prompt=True)``; the completion is the
-      last assistant message (what the template writes for it). Later messages are ignored.
+      last assistant message (what the template writes for it). Later messages are ignored;
+    - a ``prompt`` column alone (TRL's prompt-only format): text, or chat messages rendered with
+      ``add_generation_prompt=True``. Rows hold the prompt only (all labels -100,
+      ``prompt_length`` = the row's length): the student generates the completion at each step,
+      so train with ``lmbda=1`` (the trainer refuses anything else).
 
     Plain-text prompts get the tokenizer's special tokens (e.g. BOS); chat-rendered text does
     not (the template writes them). ``add_eos`` appends ``tokenizer.eos_token_id`` to the
@@ -179,12 +184,20 @@ def tokenize_completions(
     encoder = _CompletionEncoder(tokenizer, source, messages_column, max_length, add_eos, truncation_side)
     tokenized = dataset.map(encoder, batched=True, with_indices=True, num_proc=num_proc, desc="Tokenizing completions",
                             remove_columns=[c for c in columns if c in source or c in produced])
+    _check_tokenized(tokenized, source == [prompt_column], max_length, truncation_side)
+    return tokenized.remove_columns([_RAW_PROMPT_LENGTH, _COMPLETION_LENGTH])
+
+
+def _check_tokenized(tokenized: datasets.Dataset, prompt_only: bool, max_length: int, truncation_side: str) -> None:
+    """Refuse prompts without room for a completion (right truncation) or, prompt-only, empty prompts; warn of
+    examples without completion tokens."""
     if truncation_side == "right":
         _refuse_prompts_without_room(tokenized[_RAW_PROMPT_LENGTH], max_length)
-    empty = sum(1 for n in tokenized[_COMPLETION_LENGTH] if n == 0)
-    if empty:
+    if prompt_only:
+        _refuse_empty_prompts(tokenized[_RAW_PROMPT_LENGTH])
+        logger.info("Prompt-only data: %d prompts, completed by the student at each step (lmbda=1).", len(tokenized))
+    elif empty := sum(1 for n in tokenized[_COMPLETION_LENGTH] if n == 0):
         logger.warning("%d example(s) have no completion tokens and contribute nothing to the loss.", empty)
-    return tokenized.remove_columns([_RAW_PROMPT_LENGTH, _COMPLETION_LENGTH])
 
 
 def _check_tokenize_arguments(tokenizer: Any, max_length: int, truncation_side: str, add_eos: bool) -> None:
@@ -214,12 +227,25 @@ def _source_columns(columns: list[str], prompt_column: str, completion_column: s
         return [prompt_column, completion_column] + ([FINISHED_COLUMN] if FINISHED_COLUMN in columns else [])
     if messages_column in columns:
         return [messages_column]
+    if prompt_column in columns:  # prompt-only: the student completes the prompts (on-policy)
+        return [prompt_column]
     raise ValueError(
         f"tokenize_completions expects either both a '{prompt_column}' and a '{completion_column}' column "
         f"(text, or chat messages as the prompt), or a '{messages_column}' column (a list of "
-        f"{{'role', 'content'}} chat messages ending with an assistant turn). The dataset has the columns "
-        f"{columns}. Rename your columns, or pass prompt_column=/completion_column=/messages_column=."
+        f"{{'role', 'content'}} chat messages ending with an assistant turn), or a '{prompt_column}' column alone "
+        f"(prompt-only, for on-policy training). The dataset has the columns {columns}. Rename your columns, or "
+        "pass prompt_column=/completion_column=/messages_column=."
     )
+
+
+def _refuse_empty_prompts(raw_prompt_lengths: Sequence[int]) -> None:
+    """Prompt-only rows need at least one token to generate from."""
+    empty = [i for i, n in enumerate(raw_prompt_lengths) if n == 0]
+    if empty:
+        raise ValueError(
+            f"Prompt-only data: {len(empty)} example(s) have an empty prompt (no tokens to generate from), e.g. rows "
+            f"{empty[:10]}. Remove them, or use a tokenizer that adds a BOS token."
+        )
 
 
 def _refuse_prompts_without_room(raw_prompt_lengths: Sequence[int], max_length: int) -> None:
@@ -267,6 +293,8 @@ class _CompletionEncoder:
 
     def _ids(self, batch: dict[str, list], row: int, index: int) -> tuple[list[int], list[int]]:
         """(prompt ids, completion ids), with EOS appended unless the completion was cut by generation."""
+        if len(self.source) == 1 and self.source[0] != self.messages_column:  # prompt-only
+            return _encode_prompt(self.tokenizer, batch[self.source[0]][row]), []
         if self.source[0] == self.messages_column:
             prompt_ids, completion_ids = _example_to_ids(self.tokenizer, None, None, batch[self.messages_column][row], index)
         else:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..tasks import unwrap_model
-from .data import IGNORE_INDEX, PROMPT_LENGTH_COLUMN, _encode_prompt, _pad
+from .data import FINISHED_COLUMN, IGNORE_INDEX, PROMPT_LENGTH_COLUMN, _encode_prompt, _pad
 
 
 def _check_generation(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
@@ -142,6 +142,22 @@ def _batch_prompts(batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     return [row[m.bool()][: int(n)] for row, m, n in zip(ids, mask, lengths)]
 
 
+def _sharded(model: torch.nn.Module) -> bool:
+    """Parameters gathered by hooks at forward time: FSDP2 DTensors or DeepSpeed ZeRO-3 (``ds_id``)."""
+    return any(hasattr(p, "ds_id") or type(p.data).__name__ == "DTensor" for p in model.parameters())
+
+
+def _student_generate(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      kwargs: dict[str, Any]) -> torch.Tensor:
+    """Sequences sampled in eval mode (each submodule's mode restored) without autograd: under
+    ``torch.inference_mode`` (less work per op than ``no_grad``), returned as a normal tensor the training
+    forward can use; under ``no_grad`` where sharded parameters are gathered by hooks."""
+    context = torch.no_grad() if _sharded(model) else torch.inference_mode()
+    with _EvalMode(model), context:
+        sequences = _sequences(model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs))
+    return sequences.clone()
+
+
 def draw_on_policy(lmbda: float, seed: int, step: int) -> bool:
     """Whether optimizer step ``step`` trains on student generations: a coin of probability ``lmbda`` seeded by
     (seed, step), so every process and a resumed run draw the same."""
@@ -167,14 +183,15 @@ def generate_on_policy_batch(
 
     The prompts come from ``prompt_input_ids``/``prompt_attention_mask`` if present, else from
     each row's first ``prompt_length`` non-padding tokens (either padding side). The student
-    (unwrapped from DDP-style wrappers) generates in eval mode under ``torch.no_grad``; the mode
-    of each of its modules is restored afterwards. Sampling uses the global torch RNG.
+    (unwrapped from DDP-style wrappers) generates with the KV cache in eval mode without autograd
+    (``torch.inference_mode``); the mode of each of its modules is restored afterwards. Sampling
+    uses the global torch RNG.
 
     Returns right-padded ``input_ids`` (prompt + completion), ``attention_mask``, ``labels``
     (-100 on the prompt, on padding and on anything after a row's first EOS; the EOS itself is a
-    label) and ``prompt_length``, on the student's device. Right padding keeps plain forwards
-    (no ``position_ids``) position-correct. Other columns of ``batch`` are not carried over:
-    they describe the old completions.
+    label), ``prompt_length`` and ``completion_finished`` (False where ``max_new_tokens`` cut it), on
+    the student's device. Right padding keeps plain forwards (no ``position_ids``) position-correct.
+    Other columns of ``batch`` are not carried over: they describe the old completions.
     """
     _check_generation(max_new_tokens, temperature, top_p, top_k)
     eos = _id_list(eos_token_id)
@@ -195,9 +212,7 @@ def generate_on_policy_batch(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
         pad=pad, eos=eos,
     )
-    with _EvalMode(model), torch.no_grad():
-        sequences = _sequences(model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs))
-    generated = sequences[:, prompt_ids.shape[1] :]
+    generated = _student_generate(model, prompt_ids, prompt_mask, kwargs)[:, prompt_ids.shape[1] :]
     keep = ~_after_first_eos(generated, eos)
     completion_lengths = keep.sum(dim=1).tolist()
     rows = [torch.cat([p, g[:n]]) for p, g, n in zip(prompts, generated, completion_lengths)]
@@ -209,6 +224,7 @@ def generate_on_policy_batch(
         "attention_mask": _pad([torch.ones_like(r) for r in rows], 0, "right"),
         "labels": _pad(labels, IGNORE_INDEX, "right"),
         PROMPT_LENGTH_COLUMN: torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device),
+        FINISHED_COLUMN: torch.isin(generated, generated.new_tensor(eos)).any(dim=1),  # an EOS ended it
     }
 
 
