@@ -75,8 +75,8 @@ MB = 1024.0
 # ----------------------------------------------------------------------------------------------
 def on_policy_fields(args: argparse.Namespace) -> dict[str, Any]:
     """On-policy overrides: ``lmbda`` and the generation settings."""
-    return {"lmbda": args.lmbda, "generation_max_new_tokens": args.max_new_tokens,
-            "generation_temperature": args.sample_temperature, "generation_top_p": 1.0, "generation_top_k": 0}
+    return {"lmbda": args.lmbda, "max_completion_length": args.max_new_tokens,
+            "generation_temperature": args.sample_temperature, "top_p": 1.0, "top_k": 0}
 
 
 def load_teacher(model_dir: Path) -> tuple[Any, Any]:

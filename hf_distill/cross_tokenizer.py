@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .lm.alignment import IGNORE_INDEX, NO_GROUP, check_unaligned_share, require_fast_tokenizer, tokenizer_scheme
 from .lm.cross_tokenizer_data import ALIGNMENT_COLUMNS, CrossTokenizerCollator, align_generated, teacher_prompt_ids
+from .lm.data import FINISHED_COLUMN
 from .losses.cross_tokenizer import (TopKTeacher, VocabMapping, build_vocab_mapping, cross_tokenizer_group_losses,
                                      flatten_group_ids)
 from .teacher_cache import TOKEN_LOG_PROBS_SUFFIX, cache_teacher_outputs
@@ -185,7 +186,10 @@ class CrossTokenizerLoss:
                                         teacher_prompt_ids(teacher_row, self.teacher_tokenizer.eos_token_id),
                                         self.same_tokenizer))
         device = generated["input_ids"].device
-        return {k: v.to(device) for k, v in self.collator(rows).items()}
+        batch = {k: v.to(device) for k, v in self.collator(rows).items()}
+        if FINISHED_COLUMN in generated:  # marks a generated batch (lm/on_policy.py logs its entropy)
+            batch[FINISHED_COLUMN] = generated[FINISHED_COLUMN]
+        return batch
 
     def _topk_teacher(self, cached: dict[str, Any], temperature: float) -> TopKTeacher:
         """The batch's aligned top-k cache as flat rows; its temperature must be the training one."""

@@ -358,6 +358,8 @@ def _memory_estimate(trainer: Any, batch: Optional[dict[str, Any]]) -> MemoryEst
     data = trainer.train_dataset
     if hasattr(data, "column_names") and "input_ids" in (data.column_names or []) and hasattr(data, "__len__"):
         seq_length = max([seq_length] + [len(ids) for ids in data[: min(len(data), 1024)]["input_ids"]])
+    if trainer.task == "causal-lm" and args.lmbda > 0:  # on-policy rows: the prompt plus up to this many new tokens
+        seq_length += args.max_completion_length
     indices = f"{args.teacher_topk_column_prefix}_indices"
     topk = batch[indices].shape[-1] if trainer.teacher is None and batch is not None and indices in batch else None
     dtype = TEACHER_DTYPES.get(args.teacher_dtype)

@@ -408,7 +408,7 @@ def _generated(trainer, batch, seed: int = 0) -> dict:
 def test_on_policy_with_identical_tokenizers_gives_the_same_tokenizer_loss(tmp_path, toks):
     tok, data = toks["bpe"], rows(6, seed=6)
     teacher = _gpt2(tok, seed=7, layers=3)
-    args = dict(alpha=0.5, temperature=2.0, preflight=False, lmbda=1.0, generation_max_new_tokens=12)
+    args = dict(alpha=0.5, temperature=2.0, preflight=False, lmbda=1.0, max_completion_length=12)
     same_data = tokenize_completions(data, tok, max_length=40)
     same = DistillationTrainer(_gpt2(tok, 1), teacher, distill_args(tmp_path / "same", **args), train_dataset=same_data,
                                processing_class=tok, data_collator=CompletionCollator(tok))
@@ -436,7 +436,7 @@ def test_on_policy_samples_are_retokenized_for_the_teacher_and_aligned_by_their_
     assert student_tok.get_vocab() != teacher_tok.get_vocab()
     prompts = [r["prompt"] for r in rows(6, seed=7)]
     data = tokenize_aligned(rows(6, seed=7), student_tok, teacher_tok, max_length=40)
-    trainer = _trainer(tmp_path, toks, data, teacher_tok=teacher_tok, lmbda=1.0, generation_max_new_tokens=16)
+    trainer = _trainer(tmp_path, toks, data, teacher_tok=teacher_tok, lmbda=1.0, max_completion_length=16)
     drawn = trainer.data_collator([data[i] for i in range(6)])
     generated = _generated(trainer, drawn, seed=3)
     aligned = trainer.cross.on_policy_batch(generated, drawn)
@@ -461,7 +461,7 @@ def test_on_policy_samples_are_retokenized_for_the_teacher_and_aligned_by_their_
 
 def test_a_cross_tokenizer_run_with_lmbda_1_trains_on_its_own_samples(tmp_path, toks):
     data = tokenize_aligned(rows(16, seed=8), toks["bpe"], toks["wp"], max_length=40)
-    trainer = _trainer(tmp_path, toks, data, lmbda=1.0, generation_max_new_tokens=10, max_steps=3,
+    trainer = _trainer(tmp_path, toks, data, lmbda=1.0, max_completion_length=10, max_steps=3,
                        per_device_train_batch_size=4, learning_rate=1e-2, max_unaligned_share=1.0)
     calls = []
     original = trainer.cross.on_policy_batch
@@ -472,6 +472,8 @@ def test_a_cross_tokenizer_run_with_lmbda_1_trains_on_its_own_samples(tmp_path, 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
     assert max((trainer.model.state_dict()[k] - before[k]).abs().max().item() for k in before) > 1e-4
+    logged = [h for h in trainer.state.log_history if "loss" in h]  # TRL's generation metrics, as without cross mode
+    assert all(h["entropy"] > 0 and 0 < h["completions/mean_length"] <= 10 for h in logged)
 
 
 # ------------------------------------------------------------------------------------------------ aligned top-k cache

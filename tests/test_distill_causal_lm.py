@@ -90,7 +90,7 @@ def test_topk_cache_trains_without_the_teacher(stories_dir, cache_dir, tmp_path)
 
 def test_on_policy_mixing_runs_and_lowers_heldout_kl(stories_dir, cache_dir, tmp_path) -> None:
     results = dcl.main(_argv(stories_dir, cache_dir, tmp_path / "onpolicy", "--lmbda", "0.5", "--alpha", "1",
-                             "--distillation_loss", "jsd", "--generation_max_new_tokens", "24",
+                             "--distillation_loss", "jsd", "--max_completion_length", "24",
                              "--skip_initial_eval", "true"))
     recipe = json.loads((tmp_path / "onpolicy" / "distillation" / "recipe.json").read_text())
     assert recipe["arguments"]["lmbda"] == 0.5 and recipe["arguments"]["distillation_loss"] == "jsd"

@@ -376,3 +376,22 @@ if __name__ == "__main__":  # the child of the memory test: measure every case, 
         gc.collect()
         results.append(_child_measure(case))
     Path(sys.argv[1]).write_text(json.dumps(results))
+
+
+def test_on_policy_memory_counts_the_completion_the_student_will_generate(tmp_path):
+    from datasets import Dataset
+
+    from hf_distill import DistillationArguments, DistillationTrainer
+    from hf_distill.preflight import _memory_estimate
+
+    ids = torch.randint(5, 64, (4, 8)).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 8] * 4, "labels": ids,
+                              "prompt_length": [4] * 4})
+    estimates = {}
+    for lmbda in (0.0, 1.0):
+        args = DistillationArguments(output_dir=str(tmp_path / str(lmbda)), report_to=[], use_cpu=True, lmbda=lmbda,
+                                     max_completion_length=56, per_device_train_batch_size=2)
+        trainer = DistillationTrainer(tiny_gpt2(seed=1), tiny_gpt2(), args, train_dataset=data)
+        estimates[lmbda] = _memory_estimate(trainer, None)
+    # 8 tokens per row off-policy; 8 + 56 = 64 on-policy: activations grow with the length (8x, attention more).
+    assert estimates[1.0].activations > 6 * estimates[0.0].activations

@@ -267,7 +267,7 @@ def test_on_policy_steps_follow_lmbda_and_train_on_generations(tmp_path, monkeyp
     def run(lmbda, name):
         calls.clear()
         args = distill_args(tmp_path / name, lmbda=lmbda, max_steps=4, per_device_train_batch_size=4,
-                            generation_max_new_tokens=5, alpha=1.0)
+                            max_completion_length=5, alpha=1.0)
         trainer = DistillationTrainer(tiny_gpt2(seed=1), tiny_gpt2(layers=3, seed=2), args, train_dataset=data,
                                       data_collator=_lm_collate, processing_class=_Tokenizer())
         trainer.train()
