@@ -239,3 +239,32 @@ def test_heads_on_two_devices_are_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"teacher lm_head is on \[device\(type='meta'\)\] and the student lm_head on "
                                          r"cpu: put both heads on one device.*--fused_lm_loss auto"):
         fused_step.FusedLMLoss.for_trainer(trainer)
+
+
+def test_zero3_partitioned_heads_are_gathered_once_around_the_loss(monkeypatch):
+    """ZeRO-3 (``ds_id`` parameters): one GatheredParameters context over the partitioned heads, read-only
+    (modifier_rank None); plain parameters need no deepspeed at all. deepspeed is faked: it is not installed here."""
+    import contextlib
+    import sys
+    import types
+
+    from hf_distill.lm.fused_step import gathered
+
+    calls = []
+
+    @contextlib.contextmanager
+    def gathered_parameters(params, modifier_rank=0):
+        calls.append(([id(p) for p in params], modifier_rank))
+        yield
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=gathered_parameters)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    plain, partitioned = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    partitioned.ds_id = 7
+    with gathered([plain, None]):
+        pass
+    assert calls == []
+    with gathered([plain, partitioned, None]):
+        pass
+    assert calls == [([id(partitioned)], None)]

@@ -24,18 +24,30 @@ BIN = Path(sys.executable).parent
 STEPS = 3
 
 
-def _run(output_dir: Path, per_device_batch: int, accumulation: int, cached: bool, sharding: str = "none") -> dict:
-    from hf_distill import DistillationTrainer, cache_teacher_outputs
-    from tiny_models import distill_args, sentiment_dataset, tiny_bert
+def _models(kind: str) -> tuple:
+    """(data, tokenizer or None, collator or None, teacher, student) of a scenario."""
+    from tiny_models import lm_collator, lm_dataset, sentiment_dataset, tiny_bert, tiny_gpt2
 
+    if kind == "causal-lm":  # GPT-2 LMs: the fused-linear loss (lm_head applied to hidden states)
+        return lm_dataset(8, seed=3), None, lm_collator, tiny_gpt2(layers=3, seed=2), tiny_gpt2(seed=1)
     data, tokenizer = sentiment_dataset(8)
-    teacher = tiny_bert(layers=3, seed=2)
+    return data, tokenizer, None, tiny_bert(layers=3, seed=2), tiny_bert(seed=1)
+
+
+def _run(output_dir: Path, per_device_batch: int, accumulation: int, cached: bool, sharding: str = "none",
+         kind: str = "classification") -> dict:
+    from hf_distill import DistillationTrainer, cache_teacher_outputs
+    from tiny_models import distill_args
+
+    data, tokenizer, collator, teacher, student = _models(kind)
     if cached:
         data, teacher = cache_teacher_outputs(teacher, data, batch_size=8), None
     args = distill_args(output_dir, per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=accumulation,
                         max_steps=STEPS, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
                         preflight=False, teacher_sharding=sharding)
-    trainer = DistillationTrainer(tiny_bert(seed=1), teacher, args, train_dataset=data, processing_class=tokenizer)
+    trainer = DistillationTrainer(student, teacher, args, train_dataset=data, processing_class=tokenizer,
+                                  data_collator=collator)
+    assert trainer.fused_lm.enabled is (kind == "causal-lm"), trainer.fused_lm.reason
     trainer.train()
     trainer.save_model(str(output_dir / "final"))  # the recipe summarises the teacher (sharded: as loaded)
     recipe_file = output_dir / "final" / "distillation" / "recipe.json"
@@ -57,7 +69,7 @@ def _launch(command: list[str], out: Path) -> dict:
     return json.loads((out / "ddp.json").read_text())
 
 
-def _compare(ddp: dict, single: dict) -> None:
+def _compare(ddp: dict, single: dict, kind: str = "classification") -> None:
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert len(ddp["logs"]) == len(single["logs"]) == STEPS
     for step, (a, b) in enumerate(zip(ddp["logs"], single["logs"]), start=1):
@@ -67,30 +79,31 @@ def _compare(ddp: dict, single: dict) -> None:
     for name, value in single["weights"].items():
         torch.testing.assert_close(torch.tensor(ddp["weights"][name]), torch.tensor(value), atol=1e-5, rtol=1e-4,
                                    msg=name)
-    initial = _initial_student()
+    initial = _initial_student(kind)
     moved = sum(not torch.equal(torch.tensor(single["weights"][k]), v) for k, v in initial.items())
     assert moved > len(initial) // 2, "training must move the weights, or the comparison proves nothing"
 
 
-def _initial_student() -> dict:
-    from tiny_models import tiny_bert
-
-    return {k: v for k, v in tiny_bert(seed=1).state_dict().items() if v.is_floating_point()}
+def _initial_student(kind: str = "classification") -> dict:
+    return {k: v for k, v in _models(kind)[4].state_dict().items() if v.is_floating_point()}
 
 
-def _single(tmp_path: Path, cached: bool) -> dict:
+def _single(tmp_path: Path, cached: bool, kind: str = "classification") -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(tmp_path / "single", per_device_batch=8, accumulation=1, cached=cached)
+        return _run(tmp_path / "single", per_device_batch=8, accumulation=1, cached=cached, kind=kind)
     finally:
         torch.set_num_threads(threads)
 
 
-SCENARIOS = {  # name: (per-device batch on each of 2 ranks, accumulation steps, cached outputs, teacher sharding)
-    "online-accumulation": (2, 2, False, "none"),  # 2 ranks x 2 examples x 2 micro-batches = 8 = 1 x 8
-    "cached": (4, 1, True, "none"),  # offline, from cached teacher logits: 2 ranks x 4 = 1 x 8
-    "sharded-teacher": (4, 1, False, "fsdp"),  # the teacher sharded with FSDP2 (half of it on each rank)
+SCENARIOS = {  # name: (per-device batch on each of 2 ranks, accumulation steps, cached outputs, teacher sharding, kind)
+    "online-accumulation": (2, 2, False, "none", "classification"),  # 2 ranks x 2 examples x 2 micro-batches = 1 x 8
+    "cached": (4, 1, True, "none", "classification"),  # offline, from cached teacher logits: 2 ranks x 4 = 1 x 8
+    "sharded-teacher": (4, 1, False, "fsdp", "classification"),  # the teacher sharded with FSDP2 (half on each rank)
+    # causal LM on the fused-linear path, the teacher sharded with FSDP2: its lm_head weight is a DTensor,
+    # gathered once per step (full_tensor) for the loss; tokens are counted over both ranks
+    "fused-lm-sharded-teacher": (4, 1, False, "fsdp", "causal-lm"),
 }
 
 
@@ -107,8 +120,9 @@ def ddp_results(tmp_path_factory):
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(ddp_results, tmp_path, scenario):
-    single = _single(tmp_path, cached=SCENARIOS[scenario][2])
-    _compare(ddp_results[scenario], single)
+    kind = SCENARIOS[scenario][4]
+    single = _single(tmp_path, cached=SCENARIOS[scenario][2], kind=kind)
+    _compare(ddp_results[scenario], single, kind)
     assert ddp_results[scenario]["recipe_teacher"] == single["recipe_teacher"]  # same teacher, however placed
     held = ddp_results[scenario]["teacher_fraction_held"]
     if SCENARIOS[scenario][3] == "fsdp":  # each rank holds its half of every parameter (padding aside)
@@ -122,8 +136,9 @@ if __name__ == "__main__":  # the 2-rank job: every scenario in turn, rank 0 wri
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     out = Path(sys.argv[1])
-    results = {name: _run(out / name, per_device_batch=batch, accumulation=accumulation, cached=cached, sharding=sharding)
-               for name, (batch, accumulation, cached, sharding) in SCENARIOS.items()}
+    results = {name: _run(out / name, per_device_batch=batch, accumulation=accumulation, cached=cached, sharding=sharding,
+                          kind=kind)
+               for name, (batch, accumulation, cached, sharding, kind) in SCENARIOS.items()}
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "ddp.json").write_text(json.dumps(results))
     if torch.distributed.is_initialized():  # gloo can abort at interpreter exit with a live process group
