@@ -326,6 +326,19 @@ class DistillationArguments(TrainingArguments):
                   "torch_compile_mode, default inductor). torch_compile compiles the student."},
     )
 
+    def _check_loss_options(self) -> None:
+        """--fused_lm_loss also as a boolean; a divergence setting that the chosen divergence does not read."""
+        spelled = {"true": "true", "1": "true", "yes": "true", "false": "false", "0": "false", "no": "false"}
+        self.fused_lm_loss = spelled.get(str(self.fused_lm_loss).lower(), str(self.fused_lm_loss).lower())
+        if self.fused_lm_loss not in ("auto", "true", "false"):
+            raise ValueError(f"`fused_lm_loss` must be 'auto', 'true' or 'false', got {self.fused_lm_loss!r} (--fused_lm_loss).")
+        unread = [(name, loss) for name, loss, default in (("jsd_beta", "jsd", 0.5), ("skew_lambda", "skew_*", 0.1))
+                  if getattr(self, name) != default and not self.distillation_loss.startswith(loss.rstrip("*"))]
+        for name, loss in unread:
+            warnings.warn(f"--{name} {getattr(self, name)} is read only by --distillation_loss {loss}, and the loss is "
+                          f"{self.distillation_loss}: it has no effect (TRL's --beta is --distillation_loss jsd "
+                          "--jsd_beta β).", UserWarning, stacklevel=3)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.temperature > 0:
@@ -348,8 +361,7 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(f"`distillation_task` must be one of {TASKS}, got {self.distillation_task!r}.")
         if self.loss_chunk_size < 0:
             raise ValueError("`loss_chunk_size` must be >= 0 (0 turns chunking off).")
-        if self.fused_lm_loss not in ("auto", "true", "false"):
-            raise ValueError(f"`fused_lm_loss` must be 'auto', 'true' or 'false', got {self.fused_lm_loss!r} (--fused_lm_loss).")
+        self._check_loss_options()
         if self.cross_tokenizer_loss not in ("hybrid", "uld"):
             raise ValueError(f"`cross_tokenizer_loss` must be 'hybrid' or 'uld', got {self.cross_tokenizer_loss!r}.")
         _unit_interval("max_unaligned_share", self.max_unaligned_share)

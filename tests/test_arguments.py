@@ -26,3 +26,28 @@ def test_teacher_dtypes_is_the_one_table_of_names_and_dtypes(tmp_path):
         assert DistillationArguments(output_dir=str(tmp_path), report_to=[], teacher_dtype=name).teacher_dtype == name
     with pytest.raises(ValueError, match="--teacher_dtype"):
         DistillationArguments(output_dir=str(tmp_path), report_to=[], teacher_dtype="int8")
+
+
+def test_fused_lm_loss_takes_boolean_spellings(tmp_path):
+    from transformers import HfArgumentParser
+
+    for given, expected in ((False, "false"), (True, "true"), ("True", "true"), ("FALSE", "false"), ("auto", "auto")):
+        assert DistillationArguments(output_dir=str(tmp_path), fused_lm_loss=given).fused_lm_loss == expected
+    (args,) = HfArgumentParser(DistillationArguments).parse_args_into_dataclasses(
+        args=["--output_dir", str(tmp_path), "--fused_lm_loss", "False"])
+    assert args.fused_lm_loss == "false"
+    with pytest.raises(ValueError, match="--fused_lm_loss"):
+        DistillationArguments(output_dir=str(tmp_path), fused_lm_loss="sometimes")
+
+
+def test_a_divergence_setting_the_chosen_loss_does_not_read_is_warned_about(tmp_path):
+    import warnings
+
+    with pytest.warns(UserWarning, match="--jsd_beta 0.3 is read only by --distillation_loss jsd"):
+        DistillationArguments(output_dir=str(tmp_path), jsd_beta=0.3)
+    with pytest.warns(UserWarning, match="--skew_lambda 0.3"):
+        DistillationArguments(output_dir=str(tmp_path), skew_lambda=0.3, distillation_loss="jsd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DistillationArguments(output_dir=str(tmp_path), jsd_beta=0.3, distillation_loss="jsd")
+        DistillationArguments(output_dir=str(tmp_path), skew_lambda=0.3, distillation_loss="skew_reverse_kl")

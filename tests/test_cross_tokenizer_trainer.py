@@ -553,3 +553,17 @@ def test_caches_that_cannot_serve_cross_tokenizer_mode_are_refused(tmp_path, tok
     trainer = _trainer(tmp_path / "d", toks, at_t2, temperature=1.0)
     with pytest.raises(ValueError, match="aligned top-k cache was made at temperature 2.0.*--temperature"):
         trainer.compute_loss(trainer.model, trainer.data_collator([at_t2[i] for i in range(4)]))
+
+
+def test_prompt_only_rows_train_on_policy_across_tokenizers_and_lmbda_below_1_is_refused(tmp_path, toks):
+    prompts = [{"prompt": r["prompt"]} for r in rows(8, seed=9)]  # no completion column at all
+    data = tokenize_aligned(prompts, toks["bpe"], toks["wp"], max_length=40)
+    assert all(all(label == -100 for label in row["labels"]) for row in data)  # nothing to train on off-policy
+    with pytest.raises(ValueError, match="--lmbda 1"):
+        _trainer(tmp_path / "half", toks, data, lmbda=0.5, alpha=1.0)
+    trainer = _trainer(tmp_path, toks, data, lmbda=1.0, alpha=1.0, max_completion_length=8, max_steps=2,
+                       per_device_train_batch_size=4, learning_rate=1e-2, max_unaligned_share=1.0)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in logged)
+    assert all(h["completions/mean_length"] > 0 for h in logged)

@@ -61,6 +61,10 @@ def test_prompt_only_data_needs_lmbda_one(tmp_path, tokenizer) -> None:
         with pytest.raises(ValueError, match="--lmbda 1"):
             DistillationTrainer(tiny_llama(1), tiny_llama(2), _args(tmp_path, lmbda=lmbda), train_dataset=data,
                                 data_collator=CompletionCollator(tokenizer), processing_class=tokenizer)
+    for alpha, alpha_end in ((0.5, None), (1.0, 0.5)):  # cross-entropy on the student's own samples
+        with pytest.raises(ValueError, match="--alpha 1"):
+            DistillationTrainer(tiny_llama(1), tiny_llama(2), _args(tmp_path, alpha=alpha, alpha_end=alpha_end),
+                                train_dataset=data, data_collator=CompletionCollator(tokenizer), processing_class=tokenizer)
     with pytest.raises(ValueError, match="evaluation data has prompts only"):
         DistillationTrainer(tiny_llama(1), tiny_llama(2), _args(tmp_path), train_dataset=data, eval_dataset=data,
                             data_collator=CompletionCollator(tokenizer), processing_class=tokenizer)

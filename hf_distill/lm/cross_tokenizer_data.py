@@ -171,16 +171,22 @@ def tokenize_aligned(
                                                          add_eos=add_eos) for k, v in dataset.items()})
     if isinstance(dataset, (list, tuple)):
         dataset = datasets.Dataset.from_list(list(dataset))
-    missing = [c for c in (prompt_column, completion_column) if c not in dataset.column_names]
+    prompt_only = prompt_column in dataset.column_names and completion_column not in dataset.column_names
+    missing = [c for c in (prompt_column, completion_column) if c not in dataset.column_names and not prompt_only]
     if missing:
         raise ValueError(
-            f"tokenize_aligned needs prompt/completion columns; {missing} not in {dataset.column_names}. Name them "
-            "with prompt_column=/completion_column= (chat `messages` rows: split them into prompt and completion)."
+            f"tokenize_aligned needs a prompt column (and a completion column, unless every completion is generated "
+            f"on-policy); {missing} not in {dataset.column_names}. Name them with prompt_column=/completion_column= "
+            "(chat `messages` rows: split them into prompt and completion)."
         )
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        rows = [align_row(student_tokenizer, teacher_tokenizer, p, c, max_length=max_length, add_eos=add_eos)
-                for p, c in zip(batch[prompt_column], batch[completion_column])]
+        completions = [""] * len(batch[prompt_column]) if prompt_only else batch[completion_column]
+        rows = [align_row(student_tokenizer, teacher_tokenizer, p, c, max_length=max_length,
+                          add_eos=add_eos and not prompt_only) for p, c in zip(batch[prompt_column], completions)]
+        if prompt_only:  # no completion tokens: only on-policy steps (lmbda = 1) can train (lm/on_policy.py)
+            for row in rows:
+                row[PROMPT_LENGTH_COLUMN] = len(row["input_ids"])
         return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
 
     produced = {"input_ids", "attention_mask", "labels", *TEACHER_COLUMNS, *ALIGNMENT_COLUMNS}

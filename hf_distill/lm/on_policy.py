@@ -64,6 +64,14 @@ def check_on_policy_data(args: Any, train_dataset: Any, eval_dataset: Any = None
             "the student completes every step's prompts, as TRL's DistillationTrainer does), or give data with "
             "completions."
         )
+    ce_weight = 1 - min(args.alpha, args.alpha if getattr(args, "alpha_end", None) is None else args.alpha_end)
+    if ce_weight > 0 and is_prompt_only(train_dataset):
+        raise ValueError(
+            f"The training data has prompts only, so every completion is the student's own sample, and alpha="
+            f"{args.alpha} would give {ce_weight:g} of the loss to cross-entropy on those samples (training the "
+            "student to repeat itself; TRL's DistillationTrainer has no such term). Pass --alpha 1 (and no "
+            "--alpha_end below 1): the loss is then the divergence to the teacher only."
+        )
     splits = eval_dataset.values() if isinstance(eval_dataset, Mapping) else [eval_dataset]
     if any(split is not None and is_prompt_only(split) for split in splits):
         raise ValueError(
