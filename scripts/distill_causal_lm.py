@@ -163,7 +163,8 @@ class ScriptArguments:
     skip_initial_eval: bool = field(default=False, metadata={"help": "Do not evaluate the student before training."})
     teacher_tokenizer: Optional[str] = field(
         default=None,
-        metadata={"help": "Cross-tokenizer distillation: the teacher's tokenizer (a folder or Hub id) when the --student "
+        metadata={"help": "Cross-tokenizer distillation: the teacher's tokenizer (a folder, a Hub id, llama2c:<folder>, "
+                  "or the --teacher value itself for the tokenizer loaded with it) when the --student "
                   "folder has a tokenizer of its own; both tokenize each prompt/completion and the loss compares "
                   "character-aligned groups (--cross_tokenizer_loss). Held-out metrics are then the student's only."},
     )
@@ -469,15 +470,24 @@ def load_teacher_and_tokenizer(script: ScriptArguments, args: Any) -> tuple[Any,
     return teacher, tokenizer
 
 
-def cross_tokenizers(script: ScriptArguments) -> tuple[Any, Any]:
-    """--teacher_tokenizer: (the student's tokenizer from --student, the teacher's from --teacher_tokenizer)."""
+def cross_tokenizers(script: ScriptArguments, loaded_teacher_tokenizer: Any = None) -> tuple[Any, Any]:
+    """--teacher_tokenizer: (the student's tokenizer from --student, the teacher's from --teacher_tokenizer: the one
+    loaded with the teacher when it names the teacher itself, ``llama2c:<folder>`` included)."""
     from transformers import AutoTokenizer
+
+    from hf_distill.teachers import load_llama2c_teacher
 
     if not script.student or script.teacher_topk:
         raise ValueError("--teacher_tokenizer needs --student (a folder or Hub id with the student's own tokenizer) and "
                          "a live teacher (not --teacher_topk, whose cache indexes the teacher's vocabulary).")
-    return (_with_pad_token(AutoTokenizer.from_pretrained(script.student)),
-            _with_pad_token(AutoTokenizer.from_pretrained(script.teacher_tokenizer)))
+    name = script.teacher_tokenizer
+    if name == script.teacher and loaded_teacher_tokenizer is not None:
+        teacher_tokenizer = loaded_teacher_tokenizer
+    elif name.startswith("llama2c:"):
+        teacher_tokenizer = load_llama2c_teacher(name[len("llama2c:"):])[1]
+    else:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(name)
+    return _with_pad_token(AutoTokenizer.from_pretrained(script.student)), _with_pad_token(teacher_tokenizer)
 
 
 def prepare_data(script: ScriptArguments, args: Any, teacher: Any, tokenizer: Any,
@@ -593,7 +603,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     resume, output_dir = resume_argument(args.resume_from_checkpoint), Path(args.output_dir)
     teacher, tokenizer = load_teacher_and_tokenizer(script, args)
     # --teacher_tokenizer: cross-tokenizer distillation, and from here on `tokenizer` is the student's
-    tokenizer, teacher_tokenizer = cross_tokenizers(script) if script.teacher_tokenizer else (tokenizer, None)
+    tokenizer, teacher_tokenizer = cross_tokenizers(script, tokenizer) if script.teacher_tokenizer else (tokenizer, None)
     cross = teacher_tokenizer is not None
     train, heldout = prepare_data(script, args, teacher, tokenizer, teacher_tokenizer)
     set_seed(args.seed)

@@ -567,3 +567,26 @@ def test_prompt_only_rows_train_on_policy_across_tokenizers_and_lmbda_below_1_is
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2 and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in logged)
     assert all(h["completions/mean_length"] > 0 for h in logged)
+
+
+def test_the_script_reads_a_llama2c_teacher_tokenizer_by_the_teacher_s_own_name(tmp_path):
+    if not (STORIES / "stories260K.bin").is_file():
+        pytest.skip("../shared/data is not staged")
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import distill_causal_lm as dcl
+
+    bpe = byte_bpe(300, sentences(40, seed=5))
+    bpe.save_pretrained(tmp_path / "student")
+    loaded = byte_bpe(300, sentences(10, seed=1))  # stands for the tokenizer loaded with the teacher
+    for name, expect_loaded in ((f"llama2c:{STORIES}", True), (f"llama2c:{STORIES}/", False)):
+        script = SimpleNamespace(student=str(tmp_path / "student"), teacher_topk=None, teacher=f"llama2c:{STORIES}",
+                                 teacher_tokenizer=name)
+        student_tok, teacher_tok = dcl.cross_tokenizers(script, loaded)
+        assert len(student_tok) == len(bpe)
+        if expect_loaded:  # --teacher_tokenizer = --teacher: the tokenizer that came with the teacher
+            assert teacher_tok is loaded
+        else:  # another spelling of a llama2c folder: its SentencePiece model, converted
+            assert len(teacher_tok) == 512 and teacher_tok.encode("Once upon a time", add_special_tokens=False)
