@@ -139,6 +139,10 @@ class CrossTokenizerLoss:
                 for t in (student_tokenizer, teacher_tokenizer)]
         logger.info("Cross-tokenizer mode: %d vocabulary entries shared (student %d, teacher %d); loss %s.",
                     len(mapping), len(student_tokenizer), len(teacher_tokenizer), args.cross_tokenizer_loss)
+        if args.temperature != 1.0 or (args.temperature_end or 1.0) != 1.0:
+            logger.warning("Cross-tokenizer mode at temperature %s: the benchmark (README) found T = 2 systematically "
+                           "worse across tokenizers than T = 1 (the T²-weighted KL groups); consider --temperature 1.",
+                           args.temperature)
         same = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab() and \
             tokenizer_scheme(student_tokenizer) == tokenizer_scheme(teacher_tokenizer)
         collator = CrossTokenizerCollator(*pads, topk_prefix=args.teacher_topk_column_prefix)

@@ -157,6 +157,7 @@ SAME_TOKENIZER, CROSS_TOKENIZER = "same-tokenizer", "cross-tokenizer"
 def check_vocabularies(
     teacher: Optional[nn.Module], student: nn.Module, teacher_tokenizer: Any = None, student_tokenizer: Any = None,
     *, separate_teacher_inputs: bool = False, allow_larger_teacher: bool = False, task: Optional[str] = None,
+    log_mode: bool = True,
 ) -> str:
     """Choose and log the mode: ``"cross-tokenizer"`` for a causal-LM ``task`` whose two tokenizers (both given)
     differ in vocabulary, else ``"same-tokenizer"``, where teacher and student must read the same token ids:
@@ -189,13 +190,14 @@ def check_vocabularies(
             "`teacher_input_ids` columns. For a causal LM, pass the teacher's tokenizer as `teacher_processing_class` "
             "(--teacher_tokenizer) for cross-tokenizer mode."
         )
-    logger.info("Teacher and student read the same token ids: same-tokenizer mode.")
+    if log_mode:
+        logger.info("Teacher and student read the same token ids: same-tokenizer mode.")
     return SAME_TOKENIZER
 
 
 def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
     """The two tokenizers map the same strings to the same ids (ValueError naming the fix otherwise)."""
-    check_vocabularies(None, None, teacher_tokenizer, student_tokenizer)
+    check_vocabularies(None, None, teacher_tokenizer, student_tokenizer, log_mode=False)  # a check, not the mode
 
 
 def check_teacher_student_compatible(

@@ -590,3 +590,18 @@ def test_the_script_reads_a_llama2c_teacher_tokenizer_by_the_teacher_s_own_name(
             assert teacher_tok is loaded
         else:  # another spelling of a llama2c folder: its SentencePiece model, converted
             assert len(teacher_tok) == 512 and teacher_tok.encode("Once upon a time", add_special_tokens=False)
+
+
+def test_the_mode_is_logged_once_and_a_temperature_above_1_is_warned_about(tmp_path, toks, caplog):
+    from hf_distill.teachers import check_same_tokenizer
+
+    with caplog.at_level(logging.INFO, logger="hf_distill"):
+        check_same_tokenizer(toks["bpe"], toks["bpe"])  # a check the scripts run: it names no mode
+        data = tokenize_aligned(rows(4), toks["bpe"], toks["wp"], max_length=40)
+        _trainer(tmp_path, toks, data, temperature=2.0)
+    assert "same-tokenizer mode" not in caplog.text and "cross-tokenizer mode" in caplog.text
+    assert "consider --temperature 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_distill"):
+        _trainer(tmp_path / "t1", toks, data, temperature=1.0)
+    assert "consider --temperature 1" not in caplog.text
