@@ -19,7 +19,13 @@ TEACHER_DTYPES: dict[str, Optional[torch.dtype]] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-TASKS = ("sequence-classification", "token-classification", "question-answering", "causal-lm")
+TASKS = ("sequence-classification", "token-classification", "question-answering", "causal-lm",
+         "feature-extraction", "sentence-embedding")
+# The knobs of the logit terms (KD and CE). The encoder tasks have no logits: setting one of these away from its
+# default asks for a logit term that cannot exist there, and is refused (see `logit_settings_changed`).
+LOGIT_TERM_FIELDS = ("alpha", "alpha_end", "alpha_schedule", "temperature", "temperature_end", "temperature_schedule",
+                     "distillation_loss", "jsd_beta", "skew_lambda", "scale_by_temperature_squared")
+EMBEDDING_FIELDS = ("embedding_weight", "embedding_loss", "embedding_pooling", "embedding_normalize")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -94,7 +100,12 @@ class DistillationArguments(TrainingArguments):
     distillation_task: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Output shape to distil; detected from the student class when unset.",
+            "help": "Output shape to distil; detected from the student class when unset (a headless AutoModel: "
+            "feature-extraction). feature-extraction: general distillation of a headless student on unlabelled "
+            "text with the hidden/attention/relation terms only; sentence-embedding: the pooled sentence embedding "
+            "(embedding_*), intermediate terms optional. Neither has logits: setting alpha, temperature, "
+            "distillation_loss or their schedules is refused for them, as is feature-extraction with every "
+            "intermediate weight 0.",
             "choices": list(TASKS),
         },
     )
@@ -140,6 +151,27 @@ class DistillationArguments(TrainingArguments):
                   "choices": list(SCHEDULES)},
     )
     alpha_end: Optional[float] = field(default=None, metadata={"help": "alpha at the last step, in [0, 1]; default: alpha."})
+    # --- sentence embeddings (distillation_task="sentence-embedding") -----------------------------
+    embedding_weight: float = field(
+        default=1.0,
+        metadata={"help": "sentence-embedding: weight (> 0) of loss_embedding, the distance between the student's "
+                  "pooled embedding (projected when the widths differ) and the teacher's."},
+    )
+    embedding_loss: str = field(
+        default="cosine",
+        metadata={"help": "sentence-embedding: mse or cosine, between the pooled embeddings.", "choices": ["mse", "cosine"]},
+    )
+    embedding_pooling: Optional[str] = field(
+        default=None,
+        metadata={"help": "sentence-embedding: mean, cls or max pooling of the last hidden states; default: read "
+                  "from the teacher's sentence-transformers files (an error names this flag when it has none). "
+                  "Written into the student's folder.", "choices": ["mean", "cls", "max"]},
+    )
+    embedding_normalize: Optional[bool] = field(
+        default=None,
+        metadata={"help": "sentence-embedding: L2-normalise the pooled embedding; needs --embedding_pooling "
+                  "(default false with it; read from the teacher without it)."},
+    )
     # --- intermediate layers: hidden states ------------------------------------------------------
     hidden_weight: float = field(
         default=0.0, metadata={"help": "Weight (>= 0) of the hidden-state term loss_hidden; 0: off."}
@@ -292,6 +324,7 @@ class DistillationArguments(TrainingArguments):
         if self.cross_tokenizer_loss not in ("hybrid", "uld"):
             raise ValueError(f"`cross_tokenizer_loss` must be 'hybrid' or 'uld', got {self.cross_tokenizer_loss!r}.")
         _unit_interval("max_unaligned_share", self.max_unaligned_share)
+        self._check_encoder_tasks()
         # --- production
         if self.preflight_eval_batches < 0:
             raise ValueError(f"`preflight_eval_batches` must be >= 0, got {self.preflight_eval_batches}.")
@@ -336,7 +369,36 @@ class DistillationArguments(TrainingArguments):
         if self.generation_top_k < 0:
             raise ValueError(f"`generation_top_k` must be >= 0, got {self.generation_top_k}.")
 
+    def _check_encoder_tasks(self) -> None:
+        """The embedding_* fields, and the encoder tasks' refusals: logit-term settings, no active term."""
+        if self.embedding_weight < 0:
+            raise ValueError(f"`embedding_weight` must be >= 0, got {self.embedding_weight} (--embedding_weight).")
+        if self.embedding_loss not in ("mse", "cosine"):
+            raise ValueError(f"`embedding_loss` must be mse or cosine, got {self.embedding_loss!r} (--embedding_loss).")
+        if self.embedding_pooling not in (None, "mean", "cls", "max"):
+            raise ValueError(f"`embedding_pooling` must be mean, cls or max, got {self.embedding_pooling!r}.")
+        if self.embedding_normalize is not None and self.embedding_pooling is None:
+            raise ValueError("--embedding_normalize needs --embedding_pooling (mean, cls or max) beside it.")
+        task = self.distillation_task
+        changed = [name for name in EMBEDDING_FIELDS if getattr(self, name) != _DEFAULTS[name]]
+        if task not in (None, "sentence-embedding") and changed:
+            raise ValueError(f"{', '.join('--' + n for n in changed)} apply to distillation_task="
+                             f"'sentence-embedding' only, not {task!r}: remove them.")
+        if task in ("feature-extraction", "sentence-embedding"):
+            from .encoder_tasks import check_encoder_arguments
+
+            check_encoder_arguments(task, self)
+
     def distillation_dict(self) -> dict[str, Any]:
         """The arguments this class adds to TrainingArguments, as plain data."""
         own = {f.name for f in fields(DistillationArguments)} - {f.name for f in fields(TrainingArguments)}
         return {name: getattr(self, name) for name in sorted(own)}
+
+
+_DEFAULTS = {f.name: f.default for f in fields(DistillationArguments)}
+
+
+def logit_settings_changed(args: Any) -> dict[str, Any]:
+    """{field: value} of the logit-term settings (``LOGIT_TERM_FIELDS``) that differ from their defaults."""
+    return {name: getattr(args, name) for name in LOGIT_TERM_FIELDS
+            if hasattr(args, name) and getattr(args, name) != _DEFAULTS[name]}

@@ -19,7 +19,7 @@ from torch import nn
 from .arguments import TEACHER_DTYPES
 from .intermediate import accumulation_warnings
 from .memory import MemoryEstimate, available_memory_bytes, estimate_peak_memory, format_bytes, saved_activation_bytes
-from .tasks import TARGET_KEYS, logit_rows, unwrap_model
+from .tasks import ENCODER_TASKS, TARGET_KEYS, logit_rows, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,11 @@ def compatibility_summary(teacher: Optional[nn.Module], student: nn.Module, task
         return f"vocabulary teacher {t_vocab} / student {s_vocab} [{'match' if t_vocab == s_vocab else 'MISMATCH'}]"
     if task == "question-answering":
         return "start/end positions (no label map)"
+    if task in ENCODER_TASKS:
+        from .intermediate import model_dims
+
+        widths = [model_dims(m)[1] for m in (unwrap_model(teacher), student)] if teacher is not None else None
+        return f"{task}: no labels; hidden width teacher {widths[0]} / student {widths[1]}" if widths else task
     s_map = {int(k): str(v) for k, v in (getattr(s_config, "id2label", None) or {}).items()}
     names = ", ".join(s_map[k] for k in sorted(s_map))
     if teacher is None:
@@ -231,9 +236,9 @@ def run_preflight(trainer: Any) -> PreflightReport:
         report = PreflightReport(
             teacher_metric=metric, teacher_metric_source=source, num_labels=num_labels, majority=majority,
             compatibility=_compatibility(trainer),
-            loss_weights=configured_loss_terms(args), inactive_terms=inactive_loss_terms(trainer.task, batch),
+            loss_weights=configured_loss_terms(args, trainer.task), inactive_terms=inactive_loss_terms(trainer.task, batch),
             memory=_memory_estimate(trainer, batch), available_bytes=available_memory_bytes(args.device),
-            notes=accumulation_warnings(args),
+            notes=accumulation_warnings(args) + encoder_task_notes(trainer.task),
         )
     if trainer.is_world_process_zero():
         problems = report.warnings() or report.errors()
@@ -244,9 +249,14 @@ def run_preflight(trainer: Any) -> PreflightReport:
     return report
 
 
-def configured_loss_terms(args: Any) -> dict[str, float]:
+def configured_loss_terms(args: Any, task: Optional[str] = None) -> dict[str, float]:
     """Every configured loss term and its weight ({name: weight}); weight 0 means off. With an alpha schedule a
-    term counts as active if it is ever weighted."""
+    term counts as active if it is ever weighted. The encoder tasks (``task``, default ``args.distillation_task``)
+    have no kd/ce terms: their intermediate terms, and ``embedding`` for sentence-embedding."""
+    task = task or getattr(args, "distillation_task", None)
+    if task in ENCODER_TASKS:
+        terms = {"hidden": args.hidden_weight, "attention": args.attention_weight, "relation": args.relation_weight}
+        return {**terms, "embedding": args.embedding_weight} if task == "sentence-embedding" else terms
     alpha = float(args.alpha)
     terms = {"kd": alpha, "ce": round(1.0 - alpha, 10)}
     if args.alpha_schedule != "constant" and args.alpha_end is not None:
@@ -257,9 +267,20 @@ def configured_loss_terms(args: Any) -> dict[str, float]:
 
 def inactive_loss_terms(task: str, batch: Optional[Mapping[str, Any]]) -> dict[str, str]:
     """Configured terms that cannot apply with this data: {name: why}."""
+    if task in ENCODER_TASKS:  # no labelled term to miss
+        return {}
     if batch is not None and not any(k in batch for k in TARGET_KEYS[task]):
         return {"ce": "no labels in the training batches, so the soft term gets weight 1"}
     return {}
+
+
+def encoder_task_notes(task: str) -> list[str]:
+    """The line that says an encoder task has no logit terms (so no teacher accuracy either)."""
+    if task not in ENCODER_TASKS:
+        return []
+    what = "the pooled sentence embedding and any intermediate terms" if task == "sentence-embedding" else \
+        "the intermediate terms (hidden states, attention maps, relations) only"
+    return [f"distillation_task={task!r}: no logits, so no KD or CE term and no teacher accuracy; the loss is {what}."]
 
 
 def _compatibility(trainer: Any) -> str:
@@ -288,6 +309,8 @@ def _teacher_metric(trainer: Any) -> tuple[Optional[dict], str, Optional[int], O
     where = "eval set" if dataset is not None else "training batches (no eval_dataset)"
     if limit == 0:
         return None, "preflight_eval_batches=0", None, None
+    if trainer.task in ENCODER_TASKS:
+        return None, f"{trainer.task}: no logits to score", None, None
     width = trainer.student_output_width()
     num_labels = None if trainer.task == "question-answering" else width
     counts = torch.zeros(2 + (width if num_labels else 1), device=trainer.args.device)  # correct, labelled, histogram

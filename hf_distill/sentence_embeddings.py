@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .losses.embeddings import POOLING_MODES, embedding_loss, pool
-from .tasks import unwrap_model
+from .tasks import ENCODER_TASKS, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,6 @@ def embedding_metrics(student_embeddings: torch.Tensor, teacher_embeddings: torc
     return metrics
 
 
-ENCODER_TASKS = ("feature-extraction", "sentence-embedding")
 LOGIT_TERMS = ("kd", "ce")
 INTERMEDIATE_TERMS = ("hidden", "attention", "relation")
 

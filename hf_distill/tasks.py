@@ -11,6 +11,8 @@ question-answering         start and end per example,        ½ each (so an exam
                            over positions                    positions are removed from the softmax
 causal-lm                  one per position t, predicting    shifted labels != -100, else the shifted
                            token t + 1, over the vocabulary  attention mask
+feature-extraction,        none: a headless student has no   (the loss is the intermediate terms and, for
+sentence-embedding         logits                            sentence embeddings, the pooled embedding)
 =========================  ================================  ==========================================
 """
 
@@ -34,7 +36,11 @@ TARGET_KEYS = {
     "token-classification": ("labels",),
     "question-answering": ("start_positions", "end_positions"),
     "causal-lm": ("labels",),
+    # No targets: a labelled dataset's labels are only kept out of the headless models' inputs.
+    "feature-extraction": ("labels",),
+    "sentence-embedding": ("labels",),
 }
+ENCODER_TASKS = ("feature-extraction", "sentence-embedding")  # tasks without logits (encoder_tasks.py)
 IGNORE_INDEX = -100
 _MASKED_LOGIT = -1e4
 
@@ -60,9 +66,13 @@ def task_of_class_name(name: str) -> Optional[str]:
 
 
 def detect_task(model: nn.Module) -> str:
-    """Infer the distillation task from the model class name (e.g. ``BertForSequenceClassification``)."""
-    name = type(unwrap_model(model)).__name__
+    """Infer the distillation task from the model class name (e.g. ``BertForSequenceClassification``); a
+    headless transformers model (``AutoModel``, its own ``base_model``) is ``feature-extraction``."""
+    model = unwrap_model(model)
+    name = type(model).__name__
     task = task_of_class_name(name)
+    if task is None and getattr(model, "base_model", None) is model:
+        return "feature-extraction"
     if task is None:
         raise ValueError(
             f"Cannot tell the task of a {name}: use a *ForSequenceClassification, *ForTokenClassification, "
@@ -71,8 +81,11 @@ def detect_task(model: nn.Module) -> str:
     return task
 
 
-def task_logits(outputs: Any, task: str) -> torch.Tensor:
-    """The logits of a model output; for QA the start and end logits stacked as [B, T, 2]."""
+def task_logits(outputs: Any, task: str) -> Optional[torch.Tensor]:
+    """The logits of a model output; for QA the start and end logits stacked as [B, T, 2]; None for the
+    encoder tasks (a headless model has no logits)."""
+    if task in ENCODER_TASKS:
+        return None
     if task == "question-answering":
         return torch.stack([outputs["start_logits"], outputs["end_logits"]], dim=-1)
     return outputs["logits"]

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
@@ -35,6 +36,8 @@ AUTO_CLASS_BY_TASK = {
     "token-classification": AutoModelForTokenClassification,
     "question-answering": AutoModelForQuestionAnswering,
     "causal-lm": AutoModelForCausalLM,
+    "feature-extraction": AutoModel,  # headless: general distillation of hidden states, attentions, relations
+    "sentence-embedding": AutoModel,
 }
 LLAMA2C_PREFIX = "llama2c:"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

@@ -37,6 +37,7 @@ from .arguments import DistillationArguments
 from .lm.generation import draw_on_policy, generate_on_policy_batch
 from .collator import TeacherColumnsCollator
 from .cross_tokenizer import ALIGNMENT_COLUMNS, CrossTokenizerLoss
+from .encoder_tasks import build_encoder_task, encoder_metrics, save_encoder_files, trained_beside
 from .faults import FaultToleranceMixin
 from .intermediate import build_intermediate_terms
 from .logit_terms import logit_terms
@@ -115,6 +116,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         self.teachers = [teacher for teacher, _ in placed]
         self._teacher_summaries = [summary for _, summary in placed]  # taken before sharding
         self.teacher = self.teachers[args.intermediate_teacher] if self.teachers else None
+        self.encoder = build_encoder_task(self.task, args, self.model, self.teachers, self.teacher_name_or_path)
         if self.teacher is None and not self.cache.present:
             raise ValueError(
                 "No teacher: pass `teacher_model` (a model, folder or Hub id), or cache its outputs into the "
@@ -162,7 +164,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
     @property
     def extra_trainable(self) -> Optional[nn.Module]:
         """Modules trained beside the student (the learned projections), or None."""
-        return None if self.intermediate is None else self.intermediate.projections
+        return trained_beside(self.intermediate, getattr(self, "encoder", None))
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         """The stock optimizer, plus a parameter group for the learned projections (no weight decay)."""
@@ -269,7 +271,10 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         student_logits = task_logits(student_outputs, self.task)
         temperature, alpha = self.current_temperature(), self.current_alpha()
         items, examples = self._normalisers(inputs, record, model.training)
-        if alignment is not None:  # cross-tokenizer: alpha · Σ_groups L_g + (1 − alpha) · CE (cross_tokenizer.py)
+        if self.encoder is not None:  # no logits (encoder_tasks.py): the embedding term, or none beside the intermediate
+            targets = [((None,), 1.0)]
+            loss_sum, term_sums = self.encoder.terms(student_outputs, teacher_outputs, inputs, model.training)
+        elif alignment is not None:  # cross-tokenizer: alpha · Σ_groups L_g + (1 − alpha) · CE (cross_tokenizer.py)
             targets = [((None,), 1.0)]
             loss_sum, term_sums = self.cross.logit_terms(student_logits, teacher_outputs[0].logits, inputs, alignment,
                                                          alpha, temperature, self.args.scale_by_temperature_squared)
@@ -400,6 +405,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             output.metrics[f"{prefix}_teacher_agreement"] = counts["agree"] / counts["rows"]
         if counts.get("labelled"):
             output.metrics[f"{prefix}_teacher_accuracy"] = counts["teacher_correct"] / counts["labelled"]
+        output.metrics.update(encoder_metrics(self.encoder, prefix))  # sentence-embedding: mean cosine, Spearman
         batches = len(args[0]) if args and hasattr(args[0], "__len__") else 1
         for name, value in self.term_log.pop_eval(self._reduce, batches).items():
             output.metrics[f"{prefix}_{name}"] = value
@@ -416,6 +422,7 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
             super()._save(target, state_dict=state_dict)
             ema = self.teacher if self._saving_checkpoint and self.args.self_distillation == "ema" else None
             write_distillation_folder(target, self.recipe(), self.extra_trainable, ema)
+            save_encoder_files(target, self.encoder, self.processing_class)  # sentence-embedding: the pooling
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         """Restore the student (stock), and the learned projections and EMA teacher of the checkpoint."""
