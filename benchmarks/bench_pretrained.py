@@ -841,20 +841,37 @@ def goals_of(data: dict, groups: dict) -> list[str]:
     return lines
 
 
+def settings_line(a: argparse.Namespace, data: dict) -> str:
+    kd = ", ".join(f"{k} {v}" for k, v in kd_recipe(a).items())
+    trim = data.get("trim", {})
+    return (f"Settings: batch {a.batch_size}, max_length {a.max_length}, 1 thread per run. (a)/(b): {a.steps} steps "
+            f"at lr {a.lr} for each student and its twin; KD = {kd}. (b): vocabulary {trim.get('original')} -> "
+            f"{trim.get('kept')} tokens (validation [UNK] rate {100 * (trim.get('validation_unk_rate') or 0):.3f}%). "
+            f"(c): {a.narrow_layers} layers x {a.narrow_hidden} ({a.narrow_heads} heads), PCA-initialised embeddings: "
+            f"{a.general_steps} steps of general distillation (lr {a.general_lr}; hidden {a.narrow_hidden_weight} + "
+            f"MiniLM relations {a.narrow_relation_weight}, 4 relation heads) on the training sentences + "
+            f"{a.augment} augmented variants each, then {a.task_steps} task steps (lr {a.narrow_lr}; KD T "
+            f"{a.temperature}, alpha {a.narrow_alpha}, same intermediate terms) on train + augmented rows; the hard "
+            f"twin gets the same {a.task_steps} steps on the training set only. (e): {a.embed_steps} steps, lr "
+            f"{a.embed_lr}, cosine loss on pooled embeddings, same unlabelled text.")
+
+
 def write_report(ctx: SimpleNamespace) -> str:
     """The markdown (accuracy, export and embedding tables, goals) from everything in the store."""
     a = ctx.args
     data = ctx.store.read()
     if "teacher" not in data:
         return ""
-    headline = {"a_kd": kd_recipe(a), "b_kd": kd_recipe(a)}
+    headline = {"a_kd": {**kd_recipe(a), "steps": a.steps}, "b_kd": {**kd_recipe(a), "steps": a.steps},
+                "a_hard": {"steps": a.steps}, "c_kd": {"steps": a.task_steps}, "c_hard": {"steps": a.task_steps}}
     groups = group_runs(data, headline)
     t = data["teacher"]
     parts = [f"Teacher: {Path(a.model).name} + classification head, {t['recipe']['steps']} steps "
              f"(lr {t['recipe']['lr']}, batch {t['recipe']['batch_size']}, max_length {t['recipe']['max_length']}), "
              f"validation {100 * t['accuracy']['validation']:.2f} / test {100 * t['accuracy']['test']:.2f}. "
              f"Accuracy in % (mean ± std over seeds); ratios against the teacher; latency: 1 CPU thread, models "
-             f"alternating, (speed-up vs the teacher).", "", accuracy_table(ctx, data, groups)]
+             f"alternating, (speed-up vs the teacher).", "", settings_line(a, data), "",
+             accuracy_table(ctx, data, groups)]
     if export_table(data):
         parts += ["", "Int8 ONNX (dynamic quantization, judged on the test set), batch-1 latency medians, 1 thread:",
                   "", export_table(data)]
