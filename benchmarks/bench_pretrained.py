@@ -80,7 +80,7 @@ from hf_distill.classification import (  # noqa: E402
 logger = logging.getLogger("bench_pretrained")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-GROUPS = ("a", "b", "c", "d", "e", "latency")
+GROUPS = ("a", "b", "c", "c_try", "d", "e", "latency")
 HARD = dict(alpha=0.0, temperature=2.0)  # hard labels only (the temperature is then irrelevant)
 
 
@@ -505,6 +505,38 @@ def narrow_run(ctx: SimpleNamespace, name: str, seed: int, general: Optional[dic
     return cached_run(ctx, name, seed, recipe, run)
 
 
+def narrow_try(ctx: SimpleNamespace, name: str, seed: int, general: Optional[dict], terms: dict) -> dict:
+    """A (c) variant on the training set only, from the cached teacher logits (no live teacher: logit terms only),
+    starting from the general-distilled encoder (``general``) or from the PCA initialisation."""
+    a = ctx.args
+    recipe = {"student": f"narrow/{a.narrow_layers}x{a.narrow_hidden}/{a.narrow_heads}h", "pca_init": a.pca_init,
+              "general": general["recipe"] if general else None, "steps": a.task_steps, "lr": a.narrow_lr,
+              "augment": 0, "batch_size": a.batch_size, "teacher_logits": "cached", **terms}
+
+    def run() -> dict:
+        tok = ctx.trim_tokenizer
+        set_seed(seed)
+        student = narrow_shape(ctx)
+        if general is not None:
+            student.base_model.load_state_dict(AutoModel.from_pretrained(general["folder"]).state_dict())
+        train = with_teacher_logits(ctx, tokenize(ctx.raw["train"], tok, a.max_length))
+        model, seconds, history = distill(student, None, train, tok, seed, a.task_steps, a.narrow_lr, a.batch_size,
+                                          **terms)
+        return {"accuracy": accuracy(ctx, model, tok), "train_seconds": seconds,
+                "seconds_per_step": seconds / a.task_steps, "log": history}
+
+    return cached_run(ctx, name, seed, recipe, run)
+
+
+def group_c_tries(ctx: SimpleNamespace) -> None:
+    """(c) variants: what the general stage gives alone (hard labels from it), and logit KD on the training set."""
+    general = general_distillation(ctx)
+    for seed in ctx.args.seeds:
+        narrow_try(ctx, "c_try_general_hard", seed, general, dict(HARD))
+        narrow_try(ctx, "c_try_general_kd", seed, general, dict(temperature=ctx.args.temperature, alpha=0.9))
+        narrow_try(ctx, "c_try_pca_kd", seed, None, dict(temperature=ctx.args.temperature, alpha=0.9))
+
+
 def group_c(ctx: SimpleNamespace) -> None:
     general = general_distillation(ctx)
     for seed in ctx.args.seeds:
@@ -722,8 +754,12 @@ LABELS = {
     "b_kd": "(b) (a) with vocabulary trimmed, KD",
     "c_hard": "(c) narrow student, hard labels only",
     "c_kd": "(c) narrow student, general + task distillation",
+    "c_try_general_hard": "(c) variant: general distillation, then hard labels only",
+    "c_try_general_kd": "(c) variant: general distillation, then logit KD (alpha 0.9) on the training set",
+    "c_try_pca_kd": "(c) variant: no general distillation, logit KD (alpha 0.9) on the training set",
 }
-SHAPE = {"a_hard": "a", "a_kd": "a", "b_kd": "b", "c_hard": "c", "c_kd": "c"}
+SHAPE = {"a_hard": "a", "a_kd": "a", "b_kd": "b", "c_hard": "c", "c_kd": "c", "c_try_general_hard": "c",
+         "c_try_general_kd": "c", "c_try_pca_kd": "c"}
 
 
 def summarise(values: list[float]) -> dict:
@@ -772,8 +808,8 @@ def accuracy_table(ctx: SimpleNamespace, data: dict, groups: dict) -> str:
              "test": f"{100 * t_acc['test']:.2f}", "retention": "100%", **_shape_cells(data, "teacher", folders)}]
     for name in [n for n in LABELS if n in groups] + sorted(n for n in groups if n.startswith("a_try_")):
         g = groups[name]
-        twin = {"a_kd": "a_hard", "b_kd": "a_hard", "c_kd": "c_hard"}.get(name)
-        gain = f"{100 * (g['test']['mean'] - groups[twin]['test']['mean']):+.2f}" if twin in groups else ""
+        twin = {"a_kd": "a_hard", "b_kd": "a_hard"}.get(name, "c_hard" if name.startswith("c_") else None)
+        gain = f"{100 * (g['test']['mean'] - groups[twin]['test']['mean']):+.2f}" if twin in groups and twin != name else ""
         changed = {k: v for k, v in g["recipe"].items() if k in DistillationArguments.__dataclass_fields__
                    and kd_recipe(ctx.args).get(k) != v}
         label = LABELS.get(name, f"(a) try {name[6:]}: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
@@ -909,15 +945,17 @@ def main(argv: Optional[list[str]] = None) -> str:
     ctx.data_recipe = {"data": Path(args.data_dir).name, "train_rows": len(ctx.raw["train"]),
                        "max_length": args.max_length, "model": Path(args.model).name}
     get_teacher(ctx)
-    if set(args.groups) & {"b", "c", "e"}:
+    if set(args.groups) & {"b", "c", "c_try", "e"}:
         ctx.trim_teacher, _ = trimmed(ctx, ctx.teacher)
         ctx.store.update(lambda d: d.__setitem__("trim", ctx.trim_report))
-    if "c" in args.groups:
+    if set(args.groups) & {"c", "c_try"}:
         ctx.trim_base_teacher, _ = trimmed(ctx, AutoModel.from_pretrained(args.model))
     if set(args.groups) & {"a", "b"}:
         group_ab(ctx)
     if "c" in args.groups:
         group_c(ctx)
+    if "c_try" in args.groups:
+        group_c_tries(ctx)
     if "e" in args.groups:
         group_e(ctx)
     if "latency" in args.groups:
