@@ -532,6 +532,7 @@ def group_c_tries(ctx: SimpleNamespace) -> None:
     """(c) variants: what the general stage gives alone (hard labels from it), and logit KD on the training set."""
     general = general_distillation(ctx)
     for seed in ctx.args.seeds:
+        narrow_run(ctx, "c_hard", seed, None, save=seed == ctx.args.seeds[0])
         narrow_try(ctx, "c_try_general_hard", seed, general, dict(HARD))
         narrow_try(ctx, "c_try_general_kd", seed, general, dict(temperature=ctx.args.temperature, alpha=0.9))
         narrow_try(ctx, "c_try_pca_kd", seed, None, dict(temperature=ctx.args.temperature, alpha=0.9))
