@@ -21,10 +21,14 @@ head fine-tuned on the SST-2 training set (cached in ``--work_dir``/teacher, key
 Every finished run is written to ``--output`` at once, and a restarted benchmark skips it (resume), so two
 invocations with different ``--only`` can share the JSON::
 
-    nice python benchmarks/bench_pretrained.py --only a,b     # one process
-    nice python benchmarks/bench_pretrained.py --only c,e     # another, beside it
-    nice python benchmarks/bench_pretrained.py --only d,latency   # then exports and timing; the report is rewritten
-    python benchmarks/bench_pretrained.py --quick             # smoke run: random tiny BERT, seconds
+    S="--steps 120 --general_steps 600 --task_steps 300 --embed_steps 200"   # the README's budget
+    nice python benchmarks/bench_pretrained.py $S --only a,b          # one process
+    nice python benchmarks/bench_pretrained.py $S --only c,c_try,e    # another, beside it
+    nice python benchmarks/bench_pretrained.py $S --only latency,d    # then timing and exports
+    nice python benchmarks/bench_pretrained.py $S --only a --seeds 0 --try soft:hidden_weight=0   # a recipe try
+    python benchmarks/bench_pretrained.py --quick --output /tmp/p.json --work_dir /tmp/p   # smoke run, tiny BERT
+
+Each invocation rewrites the report (JSON + markdown) from everything stored; ``--only ""`` only rewrites it.
 """
 
 from __future__ import annotations
@@ -252,7 +256,15 @@ def training_args(output_dir: str, seed: int, steps: int, lr: float, batch_size:
     return dict(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
                 warmup_steps=max(1, steps // 10), weight_decay=0.01, lr_scheduler_type="linear", save_strategy="no",
                 eval_strategy="no", report_to=[], seed=seed, use_cpu=True, disable_tqdm=True,
-                logging_steps=max(1, steps // 5), train_sampling_strategy="group_by_length")
+                logging_steps=max(1, steps // 5), **sampling_args())
+
+
+def sampling_args() -> dict:
+    """Length-grouped batches: ``train_sampling_strategy`` on transformers 5, ``group_by_length`` on 4."""
+    fields = TrainingArguments.__dataclass_fields__
+    if "train_sampling_strategy" in fields:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True} if "group_by_length" in fields else {}
 
 
 def distill(student: Any, teacher: Any, train: Dataset, tokenizer: Any, seed: int, steps: int, lr: float,
