@@ -91,6 +91,7 @@ def build(script: ScriptArguments, args: DistillationArguments) -> tuple[Distill
                          f"{script.eval_size} are needed")
     train_texts, eval_texts = sentences[:-script.eval_size], sentences[-script.eval_size:]
     tokenizer = AutoTokenizer.from_pretrained(script.teacher)
+    tokenizer.model_max_length = script.max_length  # the saved student embeds no longer inputs than it was distilled on
     encode = lambda b: tokenizer(b["text"], truncation=True, max_length=script.max_length)  # noqa: E731
     train, held_out = (Dataset.from_dict({"text": texts}).map(encode, batched=True, remove_columns=["text"])
                        for texts in (train_texts, eval_texts))

@@ -45,12 +45,13 @@ def test_cli_distils_saves_trims_and_exports(tmp_path):
         "--teacher", str(tmp_path / "teacher"), "--sentences", str(tmp_path / "sentences.jsonl"), "--num_layers", "1",
         "--max_sentences", "20", "--eval_size", "8", "--embedding_pooling", "mean", "--embedding_normalize", "true", "--max_steps", "8",
         "--learning_rate", "2e-3", "--per_device_train_batch_size", "8", "--output_dir", str(out), "--use_cpu", "true",
-        "--report_to", "none", "--save_strategy", "no", "--trim_vocabulary", "true", "--export", "true"])
+        "--report_to", "none", "--save_strategy", "no", "--trim_vocabulary", "true", "--export", "true", "--max_length", "48"])
     assert results["train_sentences"] == 12 and results["eval_sentences"] == 8
     # the student is a copy of the teacher's layers, already close: the metrics are reported before and after
     assert 0.5 < results["before"]["before_mean_cosine"] <= 1 + 1e-9 and 0.5 < results["after"]["eval_mean_cosine"]
     assert {"before_similarity_spearman", "before_loss_embedding"} <= set(results["before"])
     assert read_pooling(out) == PoolingSettings("mean", True)
+    assert json.loads((out / "sentence_bert_config.json").read_text())["max_seq_length"] == 48  # as distilled
     tokenizer = synthetic_tokenizer()
     kept = {token for text in texts[:12] for token in tokenizer.tokenize(text)} | set(tokenizer.all_special_tokens)
     assert results["vocabulary_size"] == len(kept) < len(tokenizer)  # the training sentences' tokens + specials
