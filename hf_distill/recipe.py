@@ -70,8 +70,21 @@ def build_recipe(trainer: Any) -> dict[str, Any]:
             k: v for k, v in intermediate.items() if k.endswith("layer_map") or k == "projections"
         },
         "datasets": list(getattr(trainer, "dataset_names", []) or []),
+        "lm_loss_path": _lm_loss_path(trainer),
         "arguments": {k: v for k, v in args.to_dict().items() if not k.endswith("_token")},
     }
+
+
+def _lm_loss_path(trainer: Any) -> Optional[str]:
+    """Causal LM: which path computed the token-level loss (``--fused_lm_loss`` records only what was asked)."""
+    if trainer.task != "causal-lm":
+        return None
+    if getattr(trainer, "cross", None) is not None:
+        return "cross-tokenizer (aligned groups)"
+    fused = getattr(trainer, "fused_lm", None)
+    if fused is None:
+        return None
+    return "fused (hidden states through each lm_head)" if fused.enabled else f"full logits ({fused.reason})"
 
 
 def write_distillation_folder(output_dir: str | Path, recipe: dict[str, Any], projections: Optional[nn.Module] = None,

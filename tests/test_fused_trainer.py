@@ -170,6 +170,9 @@ def test_auto_names_the_fallback_once_and_keeps_the_full_logit_path(tmp_path, ca
         auto = _trainer(tmp_path, "auto", student, teacher)
     assert [r.getMessage() for r in caplog.records if "fused LM loss" in r.getMessage()] == ["fused LM loss: on"]
     assert _step(auto)[3] == [0]
+    # the recipe (and so the card) records the path taken, not only the flag
+    assert trainer.recipe()["lm_loss_path"] == "full logits (teacher mixture average)"
+    assert auto.recipe()["lm_loss_path"].startswith("fused") and auto.recipe()["arguments"]["fused_lm_loss"] == "auto"
 
 
 class _ScaledHead(nn.Linear):
