@@ -30,3 +30,22 @@ def test_every_import_the_readme_shows_works():
         imported = importlib.import_module(module)
         for name in filter(None, (n.split("#")[0].strip(" ()") for n in names.replace("\n", ",").split(","))):
             assert hasattr(imported, name), f"README: from {module} import {name}"
+
+
+def test_the_sentence_embedding_example_runs_as_written(tmp_path):
+    """The README's sentence-embedding block, run with its paths pointed at the shared data and 2 steps."""
+    from conftest import shared_data_dir
+
+    data = shared_data_dir()
+    if not (data / "models" / "all-MiniLM-L6-v2").is_dir():
+        import pytest
+
+        pytest.skip("../shared/data is not staged")
+    text = (REPO_ROOT / "README.md").read_text()
+    anchor = text.index('path = "../shared/data/models/all-MiniLM-L6-v2"')
+    block = text[text.rindex("```python", 0, anchor) + len("```python"):text.index("```", anchor)]
+    block = (block.replace("../shared/data", str(data)).replace('"runs/minilm-l3"', repr(str(tmp_path / "run")))
+             .replace("max_steps=300", "max_steps=2, report_to=[], use_cpu=True, save_strategy='no'"))
+    exec(compile(block, "README.md", "exec"), {})
+    saved = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"model.safetensors", "modules.json", "sentence_bert_config.json", "1_Pooling"} <= saved
