@@ -483,6 +483,19 @@ def compare(trainer, models: Models, script: ScriptArguments, args: Distillation
     return results
 
 
+UNK_WARNING_SHARE = 0.01  # of validation tokens mapped to the unknown token by the trimmed tokenizer
+
+
+def unk_warning(held_out_unk_rate: Optional[float]) -> Optional[str]:
+    """The warning for a trimmed vocabulary that leaves many validation tokens unknown, or None."""
+    if held_out_unk_rate is None or held_out_unk_rate <= UNK_WARNING_SHARE:
+        return None
+    return (f"The trimmed vocabulary maps {100 * held_out_unk_rate:.1f}% of the validation tokens to the unknown token "
+            f"(over {100 * UNK_WARNING_SHARE:.0f}%): the training texts did not cover them. Trim on more text (leave "
+            "--max_train_samples unset) or drop --trim_vocabulary; the trimmed student's row in results.json shows "
+            "the accuracy it costs.")
+
+
 def trim_student(trainer, models: Models, script: ScriptArguments, splits, results: dict) -> dict:
     """Trim the student's vocabulary to the training texts, save it over the distilled student, and add its row
     (accuracy with its own, trimmed tokenizer) to the results; returns what was kept."""
@@ -497,6 +510,9 @@ def trim_student(trainer, models: Models, script: ScriptArguments, splits, resul
     logger.info("Vocabulary trimmed: %d -> %d rows, %d -> %d parameters, [UNK] share on validation %.3f%%.",
                 report.original_size, report.kept_size, report.parameters_before, report.parameters_after,
                 100 * (report.held_out_unk_rate or 0.0))
+    warning = unk_warning(report.held_out_unk_rate)
+    if warning:
+        logger.warning(warning)
     return {"original_size": report.original_size, "kept_size": report.kept_size,
             "parameters_before": report.parameters_before, "parameters_after": report.parameters_after,
             "validation_unk_rate": report.held_out_unk_rate}

@@ -474,3 +474,10 @@ def test_max_eval_and_predict_samples_cut_the_validation_and_test_splits(tmp_pat
                                     "--max_train_samples", "20", "--max_eval_samples", "5", "--max_predict_samples", "7"])
     splits, _ = dcls.load_data(script, args)
     assert {name: len(split) for name, split in splits.items()} == {"train": 20, "validation": 5, "test": 7}
+
+
+def test_a_trimmed_vocabulary_that_leaves_validation_tokens_unknown_is_warned_about():
+    assert dcls.unk_warning(None) is None and dcls.unk_warning(0.0033) is None
+    message = dcls.unk_warning(0.0775)
+    assert "7.7%" in message or "7.8%" in message
+    assert "--max_train_samples" in message and "--trim_vocabulary" in message
