@@ -114,6 +114,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--hidden_loss", default="mse", choices=["mse", "cosine", "pkd"])
     p.add_argument("--attention_weight", type=float, default=0.0)
     p.add_argument("--relation_weight", type=float, default=0.0)
+    p.add_argument("--kd_augment", type=int, default=0,
+                   help="(a)/(b) KD students: add this many augment_texts variants of each training sentence "
+                        "(teacher soft labels only) to their training set.")
     p.add_argument("--try", dest="tries", action="append", default=[],
                    help="(a) extra recipe on --try_seeds: NAME:key=value,key=value (DistillationArguments fields).")
     p.add_argument("--try_seeds", type=int, nargs="+", default=[0])
@@ -370,8 +373,8 @@ def trimmed(ctx: SimpleNamespace, model: Any) -> tuple[Any, Any]:
 def kd_recipe(args: argparse.Namespace) -> dict:
     recipe = dict(temperature=args.temperature, alpha=args.alpha, hidden_weight=args.hidden_weight,
                   hidden_loss=args.hidden_loss, attention_weight=args.attention_weight,
-                  relation_weight=args.relation_weight)
-    return {k: v for k, v in recipe.items() if not (k.endswith("_weight") and v == 0)}
+                  relation_weight=args.relation_weight, augment=args.kd_augment)
+    return {k: v for k, v in recipe.items() if not ((k.endswith("_weight") or k == "augment") and v == 0)}
 
 
 def copied_run(ctx: SimpleNamespace, name: str, seed: int, trim: bool, recipe: dict, save: bool) -> dict:
@@ -385,10 +388,13 @@ def copied_run(ctx: SimpleNamespace, name: str, seed: int, trim: bool, recipe: d
         train = tokenize(ctx.raw["train"], tokenizer, args.max_length)
         set_seed(seed)
         student = create_student(teacher, num_layers=3)
-        live = teacher if recipe.get("alpha", 0) > 0 or any(k.endswith("_weight") for k in recipe) else None
+        terms = {k: v for k, v in recipe.items() if k != "augment"}
+        live = teacher if terms.get("alpha", 0) > 0 or any(k.endswith("_weight") for k in terms) else None
         train = train if live is not None else with_teacher_logits(ctx, train)
+        if recipe.get("augment"):
+            train = concatenate_datasets([train, augmented_rows(ctx, tokenizer, recipe["augment"], train.features)])
         model, seconds, history = distill(student, live, train, tokenizer, seed, args.steps, args.lr,
-                                          args.batch_size, **recipe)
+                                          args.batch_size, **terms)
         out = {"accuracy": accuracy(ctx, model, tokenizer), "train_seconds": seconds,
                "seconds_per_step": seconds / args.steps, "log": history}
         if save:
@@ -398,19 +404,45 @@ def copied_run(ctx: SimpleNamespace, name: str, seed: int, trim: bool, recipe: d
     return cached_run(ctx, name, seed, full, run)
 
 
+def augmented_rows(ctx: SimpleNamespace, tokenizer: Any, per_sentence: int, features: Any) -> Dataset:
+    """``per_sentence`` augment_texts variants of each training sentence, tokenized, label -100 (the teacher's
+    soft labels are their only target): TinyBERT's transfer-set augmentation for the (a)/(b) KD students."""
+    from hf_distill.augmentation import augment_texts
+
+    texts = augment_texts(list(ctx.raw["train"]["text"]), tokenizer, num_per_example=per_sentence, seed=0)
+    rows = tokenize(Dataset.from_dict({"text": texts, "label": [-100] * len(texts)}), tokenizer, ctx.args.max_length)
+    logger.info("(a)/(b) transfer set: %d training rows + %d augmented rows.", len(ctx.raw["train"]), len(rows))
+    return rows.cast(features)
+
+
+def trimmed_after_training(ctx: SimpleNamespace, seed: int, kd_run: dict) -> dict:
+    """(b) without a second training run: seed ``seed``'s (a) KD student with its vocabulary trimmed to the
+    training texts after distillation (on those texts the trimmed model's outputs are the untrimmed one's)."""
+    recipe = {**kd_run["recipe"], "trim": "after training", "from": kd_run["folder"]}
+
+    def run() -> dict:
+        model, tokenizer = trimmed(ctx, AutoModelForSequenceClassification.from_pretrained(kd_run["folder"]))
+        return {"accuracy": accuracy(ctx, model, tokenizer), "train_seconds": 0.0, "seconds_per_step": 0.0,
+                "folder": save_model(ctx, model, tokenizer, f"b_after-seed{seed}")}
+
+    return cached_run(ctx, "b_after", seed, recipe, run)
+
+
 def group_ab(ctx: SimpleNamespace) -> None:
     """(a) hard twin and KD (and the --try recipes), (b) the trimmed KD student, seed by seed."""
     args = ctx.args
     for seed in args.seeds:
         if "a" in args.groups:
             copied_run(ctx, "a_hard", seed, False, dict(HARD), save=seed == args.seeds[0])
-            copied_run(ctx, "a_kd", seed, False, kd_recipe(args), save=seed == args.seeds[0])
+            kd = copied_run(ctx, "a_kd", seed, False, kd_recipe(args), save=True)
+            if "b" in args.groups and kd.get("folder"):
+                trimmed_after_training(ctx, seed, kd)
             for text in ctx.args.tries:
                 if seed in args.try_seeds:
                     name, change = parse_try(text)
                     copied_run(ctx, f"a_try_{name}", seed, False, {**kd_recipe(args), **change}, save=False)
-        if "b" in args.groups:
-            copied_run(ctx, "b_kd", seed, True, kd_recipe(args), save=seed == args.seeds[0])
+        if "b" in args.groups and seed == args.seeds[0]:  # trimmed before distillation: one seed (CPU time)
+            copied_run(ctx, "b_kd", seed, True, kd_recipe(args), save=True)
 
 
 # --------------------------------------------------------------------------------------------- (c)
@@ -765,13 +797,14 @@ LABELS = {
     "a_hard": "(a) 3-layer copied student, hard labels only",
     "a_kd": "(a) 3-layer copied student, KD",
     "b_kd": "(b) (a) with vocabulary trimmed, KD",
+    "b_after": "(b) the (a) KD students, vocabulary trimmed after distillation",
     "c_hard": "(c) narrow student, hard labels only",
     "c_kd": "(c) narrow student, general + task distillation",
     "c_try_general_hard": "(c) variant: general distillation, then hard labels only",
     "c_try_general_kd": "(c) variant: general distillation, then logit KD (alpha 0.9) on the training set",
     "c_try_pca_kd": "(c) variant: no general distillation, logit KD (alpha 0.9) on the training set",
 }
-SHAPE = {"a_hard": "a", "a_kd": "a", "b_kd": "b", "c_hard": "c", "c_kd": "c", "c_try_general_hard": "c",
+SHAPE = {"a_hard": "a", "a_kd": "a", "b_kd": "b", "b_after": "b", "c_hard": "c", "c_kd": "c", "c_try_general_hard": "c",
          "c_try_general_kd": "c", "c_try_pca_kd": "c"}
 
 
@@ -821,9 +854,10 @@ def accuracy_table(ctx: SimpleNamespace, data: dict, groups: dict) -> str:
              "test": f"{100 * t_acc['test']:.2f}", "retention": "100%", **_shape_cells(data, "teacher", folders)}]
     for name in [n for n in LABELS if n in groups] + sorted(n for n in groups if n.startswith("a_try_")):
         g = groups[name]
-        twin = {"a_kd": "a_hard", "b_kd": "a_hard"}.get(name, "c_hard" if name.startswith("c_") else None)
+        twin = {"a_kd": "a_hard", "b_kd": "a_hard", "b_after": "a_hard"}.get(name, "c_hard" if name.startswith("c_") else None)
         gain = f"{100 * (g['test']['mean'] - groups[twin]['test']['mean']):+.2f}" if twin in groups and twin != name else ""
-        changed = {k: v for k, v in g["recipe"].items() if k in DistillationArguments.__dataclass_fields__
+        changed = {k: v for k, v in g["recipe"].items()
+                   if (k in DistillationArguments.__dataclass_fields__ or k == "augment")
                    and kd_recipe(ctx.args).get(k) != v}
         label = LABELS.get(name, f"(a) try {name[6:]}: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
         rows.append({"model": f"{label} [seeds {g['seeds']}]", "validation": _pm(g["validation"]),
@@ -874,8 +908,9 @@ def goals_of(data: dict, groups: dict) -> list[str]:
         line("a", "retention >= 97%, >= +1.0 point over the hard twin, >= 1.9x faster at batch 32",
              r >= 0.97 and gain >= 0.01 and speed("a", 32) >= 1.9,
              f"{100 * r:.1f}%, {100 * gain:+.2f} points, {speed('a', 32):.2f}x")
-    if {"a_kd", "b_kd"} <= set(groups) and lat and "b" in lat["parameters"]:
-        diff = groups["b_kd"]["test"]["mean"] - groups["a_kd"]["test"]["mean"]
+    b_name = "b_after" if "b_after" in groups else "b_kd"
+    if {"a_kd", b_name} <= set(groups) and lat and "b" in lat["parameters"]:
+        diff = groups[b_name]["test"]["mean"] - groups["a_kd"]["test"]["mean"]
         line("b", "within 0.3 points of (a) at <= 60% of the teacher's parameters",
              (abs(diff) <= 0.003 or diff > 0) and share("b") <= 0.6, f"{100 * diff:+.2f} points, {100 * share('b'):.1f}%")
     if {"c_kd", "c_hard"} <= set(groups) and lat and "c" in lat["parameters"]:
@@ -924,7 +959,8 @@ def write_report(ctx: SimpleNamespace) -> str:
     data = ctx.store.read()
     if "teacher" not in data:
         return ""
-    headline = {"a_kd": {**kd_recipe(a), "steps": a.steps}, "b_kd": {**kd_recipe(a), "steps": a.steps},
+    kd = {**kd_recipe(a), "augment": a.kd_augment or None, "steps": a.steps}
+    headline = {"a_kd": kd, "b_kd": kd, "b_after": kd,
                 "a_hard": {"steps": a.steps}, "c_kd": {"steps": a.task_steps}, "c_hard": {"steps": a.task_steps}}
     groups = group_runs(data, headline)
     t = data["teacher"]

@@ -276,3 +276,31 @@ def test_sentence_embedding_step_is_the_same_with_gradient_accumulation(tmp_path
     assert l_one == pytest.approx(l_two, rel=1e-5)
     assert torch.allclose(p_one, p_two, atol=1e-6)
     assert all(torch.allclose(one[name], two[name], atol=1e-6) for name in one)
+
+
+@pytest.mark.parametrize("pooling, normalize", [("mean", True), ("cls", False), ("max", True)])
+def test_saved_student_loads_in_sentence_transformers(tmp_path, pooling, normalize):
+    """The folder the trainer saves loads with ``SentenceTransformer(folder)``, which then embeds as the student
+    did in training (pooling and normalisation read from the files the trainer wrote)."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    data, tokenizer = _data(16)
+    teacher, student = _bert(hidden=32, seed=0), _bert(hidden=32, layers=1, seed=5)
+    args = _args(tmp_path, "sentence-embedding", embedding_pooling=pooling, embedding_normalize=normalize,
+                 max_steps=2)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                                  processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "student"))
+    loaded = sentence_transformers.SentenceTransformer(str(tmp_path / "student"), device="cpu")
+    texts = list(data["text"][:6])
+    got = torch.as_tensor(loaded.encode(texts, convert_to_numpy=True))
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    student.eval()
+    with torch.no_grad():
+        hidden = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).bool()
+    expected = {"mean": (hidden * mask).sum(1) / mask.sum(1), "cls": hidden[:, 0],
+                "max": hidden.masked_fill(~mask, float("-inf")).max(1).values}[pooling]
+    if normalize:
+        expected = expected / expected.norm(dim=-1, keepdim=True)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
