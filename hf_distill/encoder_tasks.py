@@ -22,7 +22,7 @@ saved student, and the embedding projection trained (and saved in ``distillation
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -88,9 +88,11 @@ class EncoderTask(nn.Module):
         self._beside: Optional[TrainedBeside] = None
 
     def terms(self, student_outputs: Any, teacher_outputs: list, inputs: Mapping[str, torch.Tensor],
-              training: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              training: bool, gather: Optional[Callable[[Any], Any]] = None,
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(weighted loss sum, {"embedding": unweighted sum}) over the batch's examples; (0, {}) for
-        feature-extraction, whose loss is the intermediate terms alone. Evaluation keeps the embeddings."""
+        feature-extraction, whose loss is the intermediate terms alone. Evaluation keeps the embeddings, of all
+        processes when ``gather`` is given (``accelerator.gather_for_metrics``)."""
         if self.embedding is None:
             return torch.zeros((), device=inputs["input_ids"].device), {}
         if not teacher_outputs:
@@ -98,7 +100,7 @@ class EncoderTask(nn.Module):
                              "batch carries cached teacher outputs (logits) instead: remove those dataset columns")
         mask = inputs.get("attention_mask")
         sums = self.embedding(student_outputs, teacher_outputs[0], mask, inputs.get("teacher_attention_mask", mask),
-                              collect=not training)
+                              collect=not training, gather=gather)
         return self.embedding.weight * sums["embedding"], sums
 
     def pop_metrics(self, prefix: str = "eval") -> dict[str, float]:

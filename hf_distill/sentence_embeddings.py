@@ -19,7 +19,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -375,13 +375,17 @@ class EmbeddingTerm(nn.Module):
         self._collected: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, student_mask: Optional[torch.Tensor],
-                teacher_mask: Optional[torch.Tensor], collect: bool = False) -> dict[str, torch.Tensor]:
+                teacher_mask: Optional[torch.Tensor], collect: bool = False,
+                gather: Optional[Callable[[Any], Any]] = None) -> dict[str, torch.Tensor]:
+        """``gather`` (e.g. ``accelerator.gather_for_metrics``): with ``collect``, the batch's embeddings of every
+        process are kept, so the metrics are those of the whole evaluation set (every process calls it)."""
         student = sentence_embedding(student_outputs, student_mask, self.pooling)
         with torch.no_grad():
             teacher = sentence_embedding(teacher_outputs, teacher_mask, self.pooling)
         projected = student if self.projection is None else self.projection(student)
         if collect:
-            self._collected.append(tuple(x.detach().float().cpu() for x in (student, projected, teacher)))
+            kept = tuple(x.detach().float() for x in (student, projected, teacher))
+            self._collected.append(tuple(x.cpu() for x in (gather(kept) if gather is not None else kept)))
         return {"embedding": embedding_loss(projected, teacher, self.loss, self.pooling.normalize).sum()}
 
     def pop_metrics(self, prefix: str = "eval") -> dict[str, float]:

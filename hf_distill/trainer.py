@@ -278,7 +278,8 @@ class DistillationTrainer(FaultToleranceMixin, Trainer):
         items, examples = self._normalisers(inputs, record, model.training)
         if self.encoder is not None:  # no logits (encoder_tasks.py): the embedding term, or none beside the intermediate
             targets = [((None,), 1.0)]
-            loss_sum, term_sums = self.encoder.terms(student_outputs, teacher_outputs, inputs, model.training)
+            loss_sum, term_sums = self.encoder.terms(student_outputs, teacher_outputs, inputs, model.training,
+                                                     gather=self.accelerator.gather_for_metrics)
         elif alignment is not None:  # cross-tokenizer: alpha · Σ_groups L_g + (1 − alpha) · CE (cross_tokenizer.py)
             targets = [((None,), 1.0)]
             teacher = teacher_outputs[0].logits if teacher_outputs else cached  # live, or the aligned top-k cache

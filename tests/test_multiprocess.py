@@ -131,6 +131,35 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(ddp_results
         assert held == 1.0  # a full replica
 
 
+def _embedding_eval(output_dir: Path, per_device_batch: int) -> dict:
+    """Sentence-embedding evaluation of 13 sentences: on 2 ranks with 4 each, the last global batch is padded
+    with repeated rows, which must not count; the metrics must be those of all 13, not of one rank's share."""
+    from hf_distill import DistillationTrainer
+    from tiny_models import distill_args, sentiment_dataset, tiny_bert
+
+    data, tokenizer = sentiment_dataset(13, seed=5)
+    args = distill_args(output_dir, distillation_task="sentence-embedding", embedding_pooling="mean",
+                        embedding_normalize=True, per_device_eval_batch_size=per_device_batch, preflight=False)
+    trainer = DistillationTrainer(tiny_bert(seed=1).base_model, tiny_bert(layers=3, seed=2).base_model, args,
+                                  eval_dataset=data, processing_class=tokenizer)
+    metrics = trainer.evaluate()
+    return {"world_size": trainer.args.world_size,
+            **{k: metrics[k] for k in ("eval_mean_cosine", "eval_similarity_spearman")}}
+
+
+def test_sentence_embedding_eval_metrics_cover_every_rank(ddp_results, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _embedding_eval(tmp_path / "single", per_device_batch=8)
+    finally:
+        torch.set_num_threads(threads)
+    ddp = ddp_results["embedding-eval"]
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    for key in ("eval_mean_cosine", "eval_similarity_spearman"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+
+
 if __name__ == "__main__":  # the 2-rank job: every scenario in turn, rank 0 writes ddp.json
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -139,6 +168,7 @@ if __name__ == "__main__":  # the 2-rank job: every scenario in turn, rank 0 wri
     results = {name: _run(out / name, per_device_batch=batch, accumulation=accumulation, cached=cached, sharding=sharding,
                           kind=kind)
                for name, (batch, accumulation, cached, sharding, kind) in SCENARIOS.items()}
+    results["embedding-eval"] = _embedding_eval(out / "embedding-eval", per_device_batch=4)
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "ddp.json").write_text(json.dumps(results))
     if torch.distributed.is_initialized():  # gloo can abort at interpreter exit with a live process group
