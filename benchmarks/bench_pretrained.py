@@ -136,6 +136,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     # (e)
     p.add_argument("--embed_steps", type=int, default=400)
     p.add_argument("--embed_lr", type=float, default=1e-4)
+    p.add_argument("--embed_augment", type=int, default=None, help="(e) augmented variants per sentence (default: --augment).")
     # timing
     p.add_argument("--latency_repeats", type=int, default=30)
     args = p.parse_args(argv)
@@ -470,16 +471,19 @@ def narrow_shape(ctx: SimpleNamespace) -> Any:
     return student
 
 
-def unlabelled_texts(ctx: SimpleNamespace) -> list[str]:
-    """SST-2 training sentences without labels + ``--augment`` hf_distill.augmentation variants of each."""
+def unlabelled_texts(ctx: SimpleNamespace, per_sentence: Optional[int] = None) -> list[str]:
+    """SST-2 training sentences without labels + ``per_sentence`` (default ``--augment``) hf_distill.augmentation
+    variants of each."""
     from hf_distill.augmentation import augment_texts
 
-    if getattr(ctx, "unlabelled", None) is None:
+    n = ctx.args.augment if per_sentence is None else per_sentence
+    ctx.unlabelled = getattr(ctx, "unlabelled", None) or {}
+    if n not in ctx.unlabelled:
         train = list(ctx.raw["train"]["text"])
-        extra = augment_texts(train, ctx.trim_tokenizer, num_per_example=ctx.args.augment, seed=0) if ctx.args.augment else []
-        ctx.unlabelled = train + extra
+        extra = augment_texts(train, ctx.trim_tokenizer, num_per_example=n, seed=0) if n else []
+        ctx.unlabelled[n] = train + extra
         logger.info("Unlabelled text: %d training sentences + %d augmented.", len(train), len(extra))
-    return ctx.unlabelled
+    return ctx.unlabelled[n]
 
 
 def general_distillation(ctx: SimpleNamespace) -> dict:
@@ -734,12 +738,13 @@ def probe(train_x: torch.Tensor, train_y: list[int], val_x: torch.Tensor, val_y:
 def embedding_student(ctx: SimpleNamespace, name: str, trim: bool) -> dict:
     """A 3-layer copy of the MiniLM sentence embedder (trimmed or not), distilled on unlabelled text."""
     a = ctx.args
+    augment = a.augment if a.embed_augment is None else a.embed_augment
     recipe = {"student": "create_student/3", "trim": trim, "steps": a.embed_steps, "lr": a.embed_lr,
-              "augment": a.augment, "loss": "cosine", "batch_size": a.batch_size}
+              "augment": augment, "loss": "cosine", "batch_size": a.batch_size}
 
     def run() -> dict:
         teacher, tok = (ctx.trim_base_teacher, ctx.trim_tokenizer) if trim else (ctx.base_teacher, ctx.tokenizer)
-        data = tokenize(Dataset.from_dict({"text": unlabelled_texts(ctx)}), tok, a.max_length)
+        data = tokenize(Dataset.from_dict({"text": unlabelled_texts(ctx, augment)}), tok, a.max_length)
         set_seed(0)
         model, seconds, history = distill(create_student(teacher, num_layers=3), teacher, data, tok, 0, a.embed_steps,
                                           a.embed_lr, a.batch_size, distillation_task="sentence-embedding",
@@ -748,6 +753,18 @@ def embedding_student(ctx: SimpleNamespace, name: str, trim: bool) -> dict:
                 "seconds_per_step": seconds / a.embed_steps, "log": history}
 
     return cached_run(ctx, name, 0, recipe, run)
+
+
+def embedding_trimmed_after(ctx: SimpleNamespace, student: dict) -> dict:
+    """The (e) 3-layer student with its vocabulary trimmed to the training sentences after distillation (the
+    trimmed model embeds every training sentence exactly as the untrimmed one)."""
+    recipe = {**student["recipe"], "trim": "after training", "from": student["folder"]}
+
+    def run() -> dict:
+        model, tokenizer = trimmed(ctx, AutoModel.from_pretrained(student["folder"]))
+        return {"folder": save_model(ctx, model, tokenizer, "e_3layer_trimmed"), "train_seconds": 0.0}
+
+    return cached_run(ctx, "e_3layer_trimmed", 0, recipe, run)
 
 
 def group_e(ctx: SimpleNamespace) -> None:
@@ -760,11 +777,12 @@ def group_e(ctx: SimpleNamespace) -> None:
     if getattr(ctx, "trim_base_teacher", None) is None:
         ctx.trim_base_teacher, _ = trimmed(ctx, ctx.base_teacher)
     models = {"teacher": (ctx.base_teacher, ctx.tokenizer)}
-    for name, trim in (("e_3layer", False), ("e_3layer_trimmed", True)):
-        if "sentence-embedding" not in TASKS:
-            logger.warning("distillation_task='sentence-embedding' is not in this hf_distill: (e) skipped.")
-            return
-        folder = embedding_student(ctx, name, trim)["folder"]
+    if "sentence-embedding" not in TASKS:
+        logger.warning("distillation_task='sentence-embedding' is not in this hf_distill: (e) skipped.")
+        return
+    student = embedding_student(ctx, "e_3layer", trim=False)
+    trimmed_student = embedding_trimmed_after(ctx, student)
+    for name, folder in (("e_3layer", student["folder"]), ("e_3layer_trimmed", trimmed_student["folder"])):
         models[name] = (AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
     split_texts = {s: list(ctx.raw[s]["text"]) for s in ("train", "validation", "test")}
     labels = [list(ctx.raw[s]["label"]) for s in ("train", "validation", "test")]
@@ -950,7 +968,9 @@ def settings_line(a: argparse.Namespace, data: dict) -> str:
             f"{a.augment} augmented variants each, then {a.task_steps} task steps (lr {a.narrow_lr}; KD T "
             f"{a.temperature}, alpha {a.narrow_alpha}, same intermediate terms) on train + augmented rows; the hard "
             f"twin gets the same {a.task_steps} steps on the training set only. (e): {a.embed_steps} steps, lr "
-            f"{a.embed_lr}, cosine loss on pooled embeddings, same unlabelled text.")
+            f"{a.embed_lr}, cosine loss on pooled embeddings, the training sentences + "
+            f"{a.augment if a.embed_augment is None else a.embed_augment} augmented variants each; its trimmed copy "
+            f"is trimmed after distillation.")
 
 
 def write_report(ctx: SimpleNamespace) -> str:
