@@ -426,10 +426,11 @@ def render_model_card(
     task = recipe.get("task")
     pipeline_tag = _TASK_TO_PIPELINE.get(str(task), task if isinstance(task, str) else None)
     datasets = [row["name"] for row in dataset_rows]
+    sentence_transformers = (output_dir / "modules.json").is_file()  # loads with SentenceTransformer(folder)
     card_data = ModelCardData(
         model_name=model_name, base_model=teacher["hub_id"],
         datasets=[row["name"] for row in dataset_rows if row["link"]] or None, tags=list(CARD_TAGS),
-        library_name="transformers", pipeline_tag=pipeline_tag, license=license or recipe.get("license"),
+        library_name="sentence-transformers" if sentence_transformers else "transformers", pipeline_tag=pipeline_tag, license=license or recipe.get("license"),
         eval_results=_eval_results(pipeline_tag, datasets[0] if datasets else None, eval_results, report) or None,
     )
     ratio = None
@@ -446,7 +447,7 @@ def render_model_card(
         report_summary=_report_summary(report), report_threads=report.get("threads"),
         report_backend=report.get("backend"), plot="report.png" if (output_dir / "report.png").is_file() else None,
         has_onnx=(output_dir / "onnx").is_dir(), has_int8=any(_row_role(str(row[0])) == "int8" for row in table),
-        citations=_citations(losses, arguments),
+        citations=_citations(losses, arguments), sentence_transformers=sentence_transformers,
     )
     return _final_scrub(card, output_dir)
 

@@ -105,7 +105,8 @@ def build(script: ScriptArguments, args: DistillationArguments) -> tuple[Distill
 
 def finish(trainer: DistillationTrainer, script: ScriptArguments, train_texts: list[str],
            eval_texts: list[str], results: dict[str, Any]) -> dict[str, Any]:
-    """Save (trimmed when asked), export when asked, and write ``results.json``."""
+    """Save the student (trimmed when asked), its metrics, ``results.json`` and its model card; then export when
+    asked and record the export in ``results.json`` (a failed export leaves everything before it on disk)."""
     output_dir = trainer.args.output_dir
     trainer.save_model(output_dir)
     if script.trim_vocabulary:
@@ -115,13 +116,22 @@ def finish(trainer: DistillationTrainer, script: ScriptArguments, train_texts: l
         model.save_pretrained(output_dir)  # the sentence-transformers files written beside it stay valid
         tokenizer.save_pretrained(output_dir)
         results["vocabulary_size"] = len(tokenizer)
+    trainer.save_metrics("eval", results["after"])
+    write_results = lambda: Path(output_dir, "results.json").write_text(json.dumps(results, indent=2) + "\n")  # noqa: E731
+    write_results()
+    trainer.create_model_card(dataset_name=Path(script.sentences).stem)
     if script.export:
         from hf_distill.export import export_onnx
 
-        exported = export_onnx(output_dir, per_channel=True, eval_dataset=[{"text": t} for t in eval_texts])
+        try:
+            exported = export_onnx(output_dir, per_channel=True, eval_dataset=[{"text": t} for t in eval_texts])
+        except Exception as error:
+            results["onnx"] = {"error": f"{type(error).__name__}: {error}"}
+            write_results()
+            raise
         results["onnx"] = {"int8_accepted": exported.int8_accepted,
                            "int8_mean_cosine": exported.parity["int8"].mean_cosine if "int8" in exported.parity else None}
-    Path(output_dir, "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_results()
     return results
 
 

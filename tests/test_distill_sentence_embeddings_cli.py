@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import BertConfig, BertModel
 
@@ -57,6 +58,30 @@ def test_cli_distils_saves_trims_and_exports(tmp_path):
     assert results["vocabulary_size"] == len(kept) < len(tokenizer)  # the training sentences' tokens + specials
     assert (out / "onnx" / "model.onnx").is_file() and results["onnx"]["int8_mean_cosine"] > 0.9
     assert json.loads((out / "results.json").read_text())["task"] == "sentence-embedding"
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: sentence-similarity" in card and "library_name: sentence-transformers" in card
+    assert "SentenceTransformer(" in card and "pipeline(" not in card  # transformers has no such pipeline
+    assert json.loads((out / "eval_results.json").read_text())["eval_mean_cosine"] == results["after"]["eval_mean_cosine"]
+
+
+def test_cli_failed_export_keeps_the_student_its_results_and_card(tmp_path, monkeypatch):
+    _setup(tmp_path)
+    out = tmp_path / "student"
+    import hf_distill.export
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(hf_distill.export, "export_onnx", broken)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        _script().main([
+            "--teacher", str(tmp_path / "teacher"), "--sentences", str(tmp_path / "sentences.jsonl"), "--num_layers",
+            "1", "--eval_size", "8", "--embedding_pooling", "mean", "--max_steps", "2", "--output_dir", str(out),
+            "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--export", "true"])
+    assert (out / "model.safetensors").is_file() and read_pooling(out) == PoolingSettings("mean", False)
+    assert (out / "README.md").is_file() and (out / "eval_results.json").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["onnx"] == {"error": "RuntimeError: exporter crashed"} and "eval_mean_cosine" in saved["after"]
 
 
 def test_cli_teacher_without_pooling_exits_with_the_fix(tmp_path):
