@@ -399,7 +399,7 @@ def copied_run(ctx: SimpleNamespace, name: str, seed: int, trim: bool, recipe: d
         out = {"accuracy": accuracy(ctx, model, tokenizer), "train_seconds": seconds,
                "seconds_per_step": seconds / args.steps, "log": history}
         if save:
-            out["folder"] = save_model(ctx, model, tokenizer, f"{name}-seed{seed}")
+            out["folder"] = save_model(ctx, model, tokenizer, f"{name}-s{args.steps}-seed{seed}")
         return out
 
     return cached_run(ctx, name, seed, full, run)
@@ -647,9 +647,11 @@ def headline_folders(ctx: SimpleNamespace) -> dict[str, str]:
     """Saved seed-0 students of (a), (b), (c) found in the store."""
     runs = ctx.store.read()["runs"]
     found = {}
-    for key, name in (("a", "a_kd"), ("b", "b_kd"), ("c", "c_kd"), ("a_hard", "a_hard"), ("c_hard", "c_hard")):
-        rows = [r for r in runs.values() if r["name"] == name and r.get("folder") and Path(r["folder"]).is_dir()]
-        if rows:
+    for key, name in (("a", "a_kd"), ("b", "b_after"), ("b", "b_kd"), ("c", "c_kd"), ("a_hard", "a_hard"),
+                      ("c_hard", "c_hard")):
+        rows = [r for r in runs.values() if r["name"] == name and r.get("folder") and Path(r["folder"]).is_dir()
+                and all(r["recipe"].get(k) == v for k, v in ctx.headline.get(name, {}).items())]
+        if rows and key not in found:
             found[key] = sorted(rows, key=lambda r: r["seed"])[0]["folder"]
     return found
 
@@ -886,10 +888,18 @@ def accuracy_table(ctx: SimpleNamespace, data: dict, groups: dict) -> str:
     return markdown_table(rows, columns)
 
 
-def export_table(data: dict) -> str:
+def export_run(data: dict, key: str, folders: dict[str, str]) -> Optional[dict]:
+    """The stored (d) export of the headline ``key`` student (its folder as saved now), or None."""
+    runs = [v for k, v in data["runs"].items() if k.startswith(f"d_{key}-")
+            and v["recipe"].get("folder") == folders.get(key)
+            and v["recipe"].get("mtime") == Path(folders[key]).stat().st_mtime]
+    return runs[-1] if runs else None
+
+
+def export_table(data: dict, folders: dict[str, str]) -> str:
     rows = []
     for key in ("a", "b", "c"):
-        run = data["runs"].get(next((k for k in data["runs"] if k.startswith(f"d_{key}-")), ""), None)
+        run = export_run(data, key, folders)
         if run is None:
             continue
         e, lat = run["export"], run["latency_batch1_ms"]
@@ -907,7 +917,7 @@ def export_table(data: dict) -> str:
     return markdown_table(rows, columns) if rows else ""
 
 
-def goals_of(data: dict, groups: dict) -> list[str]:
+def goals_of(data: dict, groups: dict, folders: dict[str, str]) -> list[str]:
     """Issue 11's goals, each with its figures and met / not met (only those whose figures exist)."""
     t = data["teacher"]["accuracy"]["test"]
     lat, lines = data.get("latency"), []
@@ -938,7 +948,7 @@ def goals_of(data: dict, groups: dict) -> list[str]:
              r >= 0.968 and share("c") <= 1 / 7.5 and speed("c", 32) >= 9.4 and gain > 0,
              f"{100 * r:.1f}%, 1/{1 / share('c'):.1f} of the parameters, {speed('c', 32):.2f}x, {100 * gain:+.2f} points")
     for key in ("a", "b", "c"):
-        run = next((v for k, v in data["runs"].items() if k.startswith(f"d_{key}-")), None)
+        run = export_run(data, key, folders)
         if run is None:
             continue
         e, lat1 = run["export"], run["latency_batch1_ms"]
@@ -973,16 +983,20 @@ def settings_line(a: argparse.Namespace, data: dict) -> str:
             f"is trimmed after distillation.")
 
 
+def headline_recipes(a: argparse.Namespace) -> dict[str, dict]:
+    """The recipe keys a stored run must match to be this invocation's headline (a), (b) or (c) run."""
+    kd = {**kd_recipe(a), "augment": a.kd_augment or None, "steps": a.steps}
+    return {"a_kd": kd, "b_kd": kd, "b_after": kd, "a_hard": {"steps": a.steps}, "c_kd": {"steps": a.task_steps},
+            "c_hard": {"steps": a.task_steps}}
+
+
 def write_report(ctx: SimpleNamespace) -> str:
     """The markdown (accuracy, export and embedding tables, goals) from everything in the store."""
     a = ctx.args
     data = ctx.store.read()
     if "teacher" not in data:
         return ""
-    kd = {**kd_recipe(a), "augment": a.kd_augment or None, "steps": a.steps}
-    headline = {"a_kd": kd, "b_kd": kd, "b_after": kd,
-                "a_hard": {"steps": a.steps}, "c_kd": {"steps": a.task_steps}, "c_hard": {"steps": a.task_steps}}
-    groups = group_runs(data, headline)
+    groups = group_runs(data, ctx.headline)
     t = data["teacher"]
     parts = [f"Teacher: {Path(a.model).name} + classification head, {t['recipe']['steps']} steps "
              f"(lr {t['recipe']['lr']}, batch {t['recipe']['batch_size']}, max_length {t['recipe']['max_length']}), "
@@ -990,12 +1004,13 @@ def write_report(ctx: SimpleNamespace) -> str:
              f"Accuracy in % (mean ± std over seeds); ratios against the teacher; latency: 1 CPU thread, models "
              f"alternating, (speed-up vs the teacher).", "", settings_line(a, data), "",
              accuracy_table(ctx, data, groups)]
-    if export_table(data):
+    folders = headline_folders(ctx)
+    if export_table(data, folders):
         parts += ["", "Int8 ONNX (dynamic quantization, judged on the test set), batch-1 latency medians, 1 thread:",
-                  "", export_table(data)]
+                  "", export_table(data, folders)]
     if data.get("embeddings"):
         parts += ["", "Sentence embeddings (test sentences held out):", "", embedding_table(data["embeddings"])]
-    parts += ["", "Goals (issue 11):", *goals_of(data, groups)]
+    parts += ["", "Goals (issue 11):", *goals_of(data, groups, folders)]
     markdown = "\n".join(parts)
     ctx.store.update(lambda d: d.update({"groups": groups, "markdown": markdown, "config": vars(a)}))
     Path(a.output).with_suffix(".md").write_text(markdown + "\n")
@@ -1007,7 +1022,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     hf_logging.set_verbosity_warning()
     torch.set_num_threads(args.threads)
-    ctx = SimpleNamespace(args=args, store=Store(args.output), trim_tokenizer=None)
+    ctx = SimpleNamespace(args=args, store=Store(args.output), trim_tokenizer=None, headline=headline_recipes(args))
     ctx.raw, ctx.tokenizer = load_data(args)
     if args.quick and args.model == str(DATA / "models" / "all-MiniLM-L6-v2"):
         args.model = quick_model(Path(args.work_dir) / "tiny_bert", ctx.tokenizer)

@@ -38,7 +38,10 @@ def test_quick_run_reports_every_group_and_resumes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "p.json").read_text())
     names = sorted({run["name"] for run in report["runs"].values()})
-    assert names == ["a_hard", "a_kd", "a_try_soft", "b_kd", "c_general", "c_hard", "c_kd", "d_a", "d_b", "d_c"]
+    assert names == ["a_hard", "a_kd", "a_try_soft", "b_after", "b_kd", "c_general", "c_hard", "c_kd", "d_a", "d_b",
+                     "d_c"]
+    after = next(run for run in report["runs"].values() if run["name"] == "b_after")  # (a)'s KD student, trimmed
+    assert after["recipe"]["trim"] == "after training" and after["recipe"]["from"].endswith("a_kd-s3-seed0")
     assert "hidden_weight" not in report["runs"][next(k for k in report["runs"] if k.startswith("a_try_soft"))]["recipe"] \
         or report["runs"][next(k for k in report["runs"] if k.startswith("a_try_soft"))]["recipe"]["hidden_weight"] == 0
     params = report["latency"]["parameters"]
@@ -54,7 +57,7 @@ def test_quick_run_reports_every_group_and_resumes(tmp_path: Path) -> None:
 
     again = _run(tmp_path, "--only", "a,b")  # resumed: every run of (a) and (b) is read back, none retrained
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("finished earlier") == 3
+    assert again.stderr.count("finished earlier") == 4
     assert json.loads((tmp_path / "p.json").read_text())["runs"] == report["runs"]
 
 
