@@ -615,9 +615,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                **train_and_save(trainer, args, resume)}
     results["final"] = evaluate_on_heldout(trainer.model, teacher, heldout, tokenizer, args, "After training", cross)
     if args.process_index == 0:
+        write_results(results, output_dir)  # before the merge: a failed merge keeps the results and the card
+        trainer.create_model_card(dataset_name=Path(script.dataset).name if script.dataset else "teacher-generated stories")
         if script.merge_lora:
             results.update(merge_adapter(trainer.model, tokenizer, output_dir))
-        write_results(results, output_dir)
+            write_results(results, output_dir)
     return results
 
 

@@ -22,6 +22,7 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
+import logging  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -31,6 +32,8 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser  # noqa: E402
 
 from hf_distill import DistillationArguments, DistillationTrainer, create_student  # noqa: E402
+
+logger = logging.getLogger("distill_sentence_embeddings")
 
 
 @dataclass
@@ -125,12 +128,12 @@ def finish(trainer: DistillationTrainer, script: ScriptArguments, train_texts: l
 
         try:
             exported = export_onnx(output_dir, per_channel=True, eval_dataset=[{"text": t} for t in eval_texts])
-        except Exception as error:
+            results["onnx"] = {"int8_accepted": exported.int8_accepted, "int8_mean_cosine":
+                               exported.parity["int8"].mean_cosine if "int8" in exported.parity else None}
+        except Exception as error:  # as distill_classification.py: the student stands, export again later
             results["onnx"] = {"error": f"{type(error).__name__}: {error}"}
-            write_results()
-            raise
-        results["onnx"] = {"int8_accepted": exported.int8_accepted,
-                           "int8_mean_cosine": exported.parity["int8"].mean_cosine if "int8" in exported.parity else None}
+            logger.warning("ONNX export failed (%s); the student, results.json and the card are saved: export again "
+                           "with scripts/export_onnx.py %s", results["onnx"]["error"], output_dir)
         write_results()
     return results
 

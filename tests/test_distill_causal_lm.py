@@ -73,8 +73,10 @@ def test_sequence_kd_run_lowers_heldout_kl_and_saves_the_evaluated_student(stori
     assert final["ppl"] < initial["ppl"]
     assert final["teacher_ppl"] < final["ppl"]  # held-out data are teacher samples: the teacher fits them best
     for name in ("config.json", "model.safetensors", "tokenizer.json", "distillation/recipe.json", "results.json",
-                 "results.md"):
+                 "results.md", "README.md"):
         assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "teacher-generated stories" in card
     assert json.loads((out / "results.json").read_text())["final"]["kl"] == pytest.approx(final["kl"])
     again = _reevaluate(out, stories_dir, cache_dir)
     assert again["kl"] == pytest.approx(final["kl"], rel=1e-4)

@@ -73,11 +73,11 @@ def test_cli_failed_export_keeps_the_student_its_results_and_card(tmp_path, monk
         raise RuntimeError("exporter crashed")
 
     monkeypatch.setattr(hf_distill.export, "export_onnx", broken)
-    with pytest.raises(RuntimeError, match="exporter crashed"):
-        _script().main([
-            "--teacher", str(tmp_path / "teacher"), "--sentences", str(tmp_path / "sentences.jsonl"), "--num_layers",
-            "1", "--eval_size", "8", "--embedding_pooling", "mean", "--max_steps", "2", "--output_dir", str(out),
-            "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--export", "true"])
+    results = _script().main([
+        "--teacher", str(tmp_path / "teacher"), "--sentences", str(tmp_path / "sentences.jsonl"), "--num_layers",
+        "1", "--eval_size", "8", "--embedding_pooling", "mean", "--max_steps", "2", "--output_dir", str(out),
+        "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--export", "true"])
+    assert results["onnx"] == {"error": "RuntimeError: exporter crashed"}  # logged; the run itself stands
     assert (out / "model.safetensors").is_file() and read_pooling(out) == PoolingSettings("mean", False)
     assert (out / "README.md").is_file() and (out / "eval_results.json").is_file()
     saved = json.loads((out / "results.json").read_text())
