@@ -6,8 +6,10 @@ head fine-tuned on the SST-2 training set (cached in ``--work_dir``/teacher, key
 
 * (a) DistilBERT-style: ``create_student(teacher, num_layers=3)``, soft labels + hidden-state term, against the
   same student on hard labels only, at equal steps and on the same seeds;
-* (b) (a) with its vocabulary trimmed to the training texts (``trim_vocabulary``) before distillation; the
-  teacher is trimmed the same way, which leaves its outputs on every training text unchanged;
+* (b) (a) with its vocabulary trimmed to the training texts (``trim_vocabulary``): each (a) KD student trimmed
+  after distillation (group ``b``, as ``distill_classification.py --trim_vocabulary`` does; its outputs on every
+  training text are unchanged), and, group ``b_before``, seed 0 trimmed before distillation with the teacher
+  trimmed the same way;
 * (c) TinyBERT-style: a narrow student (``--narrow_layers`` x ``--narrow_hidden``, trimmed vocabulary, embedding
   rows initialised from the teacher's through PCA), general distillation on unlabelled text (SST-2 training
   sentences without labels + hf_distill.augmentation variants; hidden states through projections + MiniLM
@@ -21,10 +23,11 @@ head fine-tuned on the SST-2 training set (cached in ``--work_dir``/teacher, key
 Every finished run is written to ``--output`` at once, and a restarted benchmark skips it (resume), so two
 invocations with different ``--only`` can share the JSON::
 
-    S="--steps 120 --general_steps 600 --task_steps 300 --embed_steps 200"   # the README's budget
-    nice python benchmarks/bench_pretrained.py $S --only a,b          # one process
-    nice python benchmarks/bench_pretrained.py $S --only c,c_try,e    # another, beside it
-    nice python benchmarks/bench_pretrained.py $S --only latency,d    # then timing and exports
+    S="--steps 866 --general_steps 600 --task_steps 300 --embed_steps 3000 --embed_lr 4e-4 --embed_augment 8"
+    nice python benchmarks/bench_pretrained.py $S --only a --seeds 0   # one process per seed (1 and 2 beside it)
+    nice python benchmarks/bench_pretrained.py $S --only a,b           # (b): the (a) KD students trimmed
+    nice python benchmarks/bench_pretrained.py $S --only c,c_try,e     # another process, beside them
+    nice python benchmarks/bench_pretrained.py $S --only latency,d     # then timing and exports
     nice python benchmarks/bench_pretrained.py $S --only a --seeds 0 --try soft:hidden_weight=0   # a recipe try
     python benchmarks/bench_pretrained.py --quick --output /tmp/p.json --work_dir /tmp/p   # smoke run, tiny BERT
 
@@ -84,7 +87,7 @@ from hf_distill.classification import (  # noqa: E402
 logger = logging.getLogger("bench_pretrained")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-GROUPS = ("a", "b", "c", "c_try", "d", "e", "latency")
+GROUPS = ("a", "b", "b_before", "c", "c_try", "d", "e", "latency")
 HARD = dict(alpha=0.0, temperature=2.0)  # hard labels only (the temperature is then irrelevant)
 
 
@@ -442,7 +445,7 @@ def group_ab(ctx: SimpleNamespace) -> None:
                 if seed in args.try_seeds:
                     name, change = parse_try(text)
                     copied_run(ctx, f"a_try_{name}", seed, False, {**kd_recipe(args), **change}, save=False)
-        if "b" in args.groups and seed == args.seeds[0]:  # trimmed before distillation: one seed (CPU time)
+        if "b_before" in args.groups and seed == args.seeds[0]:  # trimmed before distillation: one seed
             copied_run(ctx, "b_kd", seed, True, kd_recipe(args), save=True)
 
 
@@ -879,6 +882,8 @@ def accuracy_table(ctx: SimpleNamespace, data: dict, groups: dict) -> str:
         changed = {k: v for k, v in g["recipe"].items()
                    if (k in DistillationArguments.__dataclass_fields__ or k == "augment")
                    and kd_recipe(ctx.args).get(k) != v}
+        if g["recipe"].get("steps") != ctx.args.steps:
+            changed["steps"] = g["recipe"].get("steps")
         label = LABELS.get(name, f"(a) try {name[6:]}: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
         rows.append({"model": f"{label} [seeds {g['seeds']}]", "validation": _pm(g["validation"]),
                      "test": _pm(g["test"]), "retention": f"{100 * g['test']['mean'] / t_acc['test']:.1f}%",
@@ -1029,12 +1034,12 @@ def main(argv: Optional[list[str]] = None) -> str:
     ctx.data_recipe = {"data": Path(args.data_dir).name, "train_rows": len(ctx.raw["train"]),
                        "max_length": args.max_length, "model": Path(args.model).name}
     get_teacher(ctx)
-    if set(args.groups) & {"b", "c", "c_try", "e"}:
+    if set(args.groups) & {"b", "b_before", "c", "c_try", "e"}:
         ctx.trim_teacher, _ = trimmed(ctx, ctx.teacher)
         ctx.store.update(lambda d: d.__setitem__("trim", ctx.trim_report))
     if set(args.groups) & {"c", "c_try"}:
         ctx.trim_base_teacher, _ = trimmed(ctx, AutoModel.from_pretrained(args.model))
-    if set(args.groups) & {"a", "b"}:
+    if set(args.groups) & {"a", "b", "b_before"}:
         group_ab(ctx)
     if "c" in args.groups:
         group_c(ctx)

@@ -34,7 +34,7 @@ def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(not STAGED, reason="../shared/data (SST-2 and the MiniLM tokenizer) is not staged here")
 def test_quick_run_reports_every_group_and_resumes(tmp_path: Path) -> None:
-    done = _run(tmp_path, "--only", "a,b,c,d,latency", "--try", "soft:hidden_weight=0")
+    done = _run(tmp_path, "--only", "a,b,b_before,c,d,latency", "--try", "soft:hidden_weight=0")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "p.json").read_text())
     names = sorted({run["name"] for run in report["runs"].values()})
@@ -55,7 +55,7 @@ def test_quick_run_reports_every_group_and_resumes(tmp_path: Path) -> None:
     markdown = (tmp_path / "p.md").read_text()
     assert "(a) 3-layer copied student, KD" in markdown and "Int8 ONNX" in markdown and "Goals (issue 11)" in markdown
 
-    again = _run(tmp_path, "--only", "a,b")  # resumed: every run of (a) and (b) is read back, none retrained
+    again = _run(tmp_path, "--only", "a,b,b_before")  # resumed: every run of (a) and (b) is read back, none retrained
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("finished earlier") == 4
     assert json.loads((tmp_path / "p.json").read_text())["runs"] == report["runs"]
