@@ -366,7 +366,8 @@ def trimmed(ctx: SimpleNamespace, model: Any) -> tuple[Any, Any]:
     model, tokenizer, report = trim_vocabulary(copy.deepcopy(model), ctx.tokenizer, ctx.raw["train"]["text"],
                                                held_out_texts=ctx.raw["validation"]["text"], return_report=True)
     ctx.trim_report = {"kept": report.kept_size, "original": report.original_size,
-                       "validation_unk_rate": report.held_out_unk_rate}
+                       "validation_unk_rate": report.held_out_unk_rate,
+                       "validation_changed_share": report.held_out_changed_share}
     if ctx.trim_tokenizer is not None and tokenizer.get_vocab() != ctx.trim_tokenizer.get_vocab():
         raise RuntimeError("two trims of the same texts kept different vocabularies")
     ctx.trim_tokenizer = ctx.trim_tokenizer or tokenizer
@@ -976,7 +977,9 @@ def settings_line(a: argparse.Namespace, data: dict) -> str:
     trim = data.get("trim", {})
     return (f"Settings: batch {a.batch_size}, max_length {a.max_length}, 1 thread per run. (a)/(b): {a.steps} steps "
             f"at lr {a.lr} for each student and its twin; KD = {kd}. (b): vocabulary {trim.get('original')} -> "
-            f"{trim.get('kept')} tokens (validation [UNK] rate {100 * (trim.get('validation_unk_rate') or 0):.3f}%). "
+            f"{trim.get('kept')} tokens (validation [UNK] rate {100 * (trim.get('validation_unk_rate') or 0):.3f}%; "
+            f"{100 * (trim.get('validation_changed_share') or 0):.1f}% of the validation sentences tokenized "
+            f"otherwise, words split into kept pieces). "
             f"(c): {a.narrow_layers} layers x {a.narrow_hidden} ({a.narrow_heads} heads), PCA-initialised embeddings: "
             f"{a.general_steps} steps of general distillation (lr {a.general_lr}; hidden {a.narrow_hidden_weight} + "
             f"MiniLM relations {a.narrow_relation_weight}, 4 relation heads) on the training sentences + "

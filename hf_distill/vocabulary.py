@@ -71,6 +71,10 @@ class TrimReport:
     held_out_token_ratio: float | None  # tokens of `held_out_texts`, trimmed / original tokenizer
     parameters_before: int
     parameters_after: int
+    # share of `held_out_texts` whose tokens differ from the original tokenizer's: unknown, or (WordPiece, BPE) a
+    # word whose token was dropped, split into kept pieces ("cooking" -> "cook ##ing"), which the unknown-token
+    # rate does not count
+    held_out_changed_share: float | None = None
 
 
 def trim_vocabulary(
@@ -88,9 +92,10 @@ def trim_vocabulary(
     The model is changed in place (input embedding, a tied or untied output layer and its bias,
     `config.vocab_size`, the special token ids of its config and generation config); the tokenizer is a new
     fast tokenizer of the same class. On text whose tokens are all kept, ids are the remapped original ids and
-    the model's outputs are unchanged (LM logits: the kept columns). Other text maps to the unknown token
-    (WordPiece, SentencePiece) or to shorter tokens (byte-level BPE). With `return_report=True` a third value,
-    a `TrimReport`, gives the kept size, parameter counts and the unknown-token rate on `held_out_texts`.
+    the model's outputs are unchanged (LM logits: the kept columns). Other text is split into kept pieces where
+    it can be (WordPiece sub-words, shorter byte-level BPE tokens), else maps to the unknown token. With
+    `return_report=True` a third value, a `TrimReport`, gives the kept size, parameter counts, and on
+    `held_out_texts` the unknown-token rate and the share of texts tokenized otherwise than before.
     Raises ValueError for a slow tokenizer, or when more than `unk_share_limit` of the texts' tokens are unknown.
     """
     backend = _fast_backend(tokenizer)
@@ -114,14 +119,22 @@ def trim_vocabulary(
                 parameters_before, model.num_parameters())
     if not return_report:
         return model, trimmed
-    held_unk = held_ratio = None
+    held_unk = held_ratio = held_changed = None
     if held_out_texts is not None:
         held = _as_texts(held_out_texts, "held_out_texts")
         held_unk = unk_rate(trimmed, held)
         held_ratio = _token_count(trimmed, held) / max(_token_count(tokenizer, held), 1)
+        held_changed = changed_share(tokenizer, trimmed, held)
     report = TrimReport(rows, len(kept), kept, min_frequency, texts_unk, held_unk, held_ratio,
-                        parameters_before, model.num_parameters())
+                        parameters_before, model.num_parameters(), held_changed)
     return model, trimmed, report
+
+
+def changed_share(original: Any, trimmed: Any, texts: Iterable[str]) -> float:
+    """Share of `texts` whose token strings under `trimmed` differ from those under `original` (0.0 for none)."""
+    texts = _as_texts(texts, "texts")
+    before, after = (_fast_backend(t).encode_batch(texts, add_special_tokens=False) for t in (original, trimmed))
+    return sum(a.tokens != b.tokens for a, b in zip(before, after)) / max(len(texts), 1)
 
 
 def unk_rate(tokenizer: Any, texts: Iterable[str]) -> float:

@@ -507,15 +507,17 @@ def trim_student(trainer, models: Models, script: ScriptArguments, splits, resul
     trainer.save_model()
     data = tokenize_splits(splits, tokenizer, script.max_length)
     results["rows"].append(describe("student, vocabulary trimmed", student, models, data, script))
-    logger.info("Vocabulary trimmed: %d -> %d rows, %d -> %d parameters, [UNK] share on validation %.3f%%.",
+    logger.info("Vocabulary trimmed: %d -> %d rows, %d -> %d parameters, [UNK] share on validation %.3f%%; "
+                "%.1f%% of the validation texts are tokenized otherwise (unknown, or words split into kept pieces).",
                 report.original_size, report.kept_size, report.parameters_before, report.parameters_after,
-                100 * (report.held_out_unk_rate or 0.0))
+                100 * (report.held_out_unk_rate or 0.0), 100 * (report.held_out_changed_share or 0.0))
     warning = unk_warning(report.held_out_unk_rate)
     if warning:
         logger.warning(warning)
     return {"original_size": report.original_size, "kept_size": report.kept_size,
             "parameters_before": report.parameters_before, "parameters_after": report.parameters_after,
-            "validation_unk_rate": report.held_out_unk_rate}
+            "validation_unk_rate": report.held_out_unk_rate,
+            "validation_changed_share": report.held_out_changed_share}
 
 
 def finish(trainer, models: Models, script: ScriptArguments, args: DistillationArguments, splits, results) -> None:

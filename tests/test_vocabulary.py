@@ -164,6 +164,20 @@ def test_min_frequency_keeps_exactly_the_frequent_and_special_tokens(shared_data
     assert "[UNK]" in trimmed.tokenize(rare) or trimmed.tokenize(rare) != [rare]
 
 
+def test_report_counts_held_out_words_split_into_kept_pieces(shared_data):
+    """A dropped whole-word token ("cooking") is split into kept pieces ("cook ##ing"), not mapped to [UNK]: the
+    unknown-token rate misses it, the changed share counts the text."""
+    original = bert_wordpiece(shared_data)
+    train = ["i like to cook", "zooming through thrashing rain"]  # keeps cook, ##ing; not cooking
+    held = ["i like cooking", "i like to cook", "rain", "ж"]
+    _, trimmed, report = trim_vocabulary(tiny_bert(BertForSequenceClassification, 30522), original, train,
+                                         held_out_texts=held, return_report=True)
+    assert original.tokenize("i like cooking") == ["i", "like", "cooking"]
+    assert trimmed.tokenize("i like cooking") == ["i", "like", "cook", "##ing"]
+    assert report.held_out_unk_rate == pytest.approx(1 / 10)  # only "ж", of 4 + 4 + 1 + 1 trimmed tokens
+    assert report.held_out_changed_share == pytest.approx(2 / 4)  # "i like cooking" and "ж"
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_masked_lm_output_layer_and_bias(shared_data, tie):
     original = bert_wordpiece(shared_data)
