@@ -375,10 +375,12 @@ def planned_trl_pairs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return runs
 
 
-def _spawn(spec: dict, args: argparse.Namespace, data_file: str) -> dict[str, Any]:
+def spawn_worker(script: str, spec: dict, args: argparse.Namespace, data_file: str) -> dict[str, Any]:
+    """Run one ``spec`` in a fresh process of ``script`` (its ``--worker_*`` mode, ``args.threads`` threads); its
+    result dict, or ``{"error": ...}`` with the end of its output."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_file = handle.name
-    command = [sys.executable, os.path.abspath(__file__), "--worker_spec", json.dumps(spec), "--worker_data", data_file,
+    command = [sys.executable, os.path.abspath(script), "--worker_spec", json.dumps(spec), "--worker_data", data_file,
                "--worker_result", result_file, "--worker_args", json.dumps(vars(args))]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
@@ -541,7 +543,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.with_trl:
             plans += [("trl_runs", spec) for spec in planned_trl_pairs(args)]
         for key, spec in plans:
-            run = dict(spec, result=_spawn(spec, args, data_file))
+            run = dict(spec, result=spawn_worker(__file__, spec, args, data_file))
             r = run["result"]
             summary = r.get("error", "")[:300] or (
                 f"held-out KL {r['heldout']['kl']:.4f}, ppl {r['heldout']['ppl']:.3f}"

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+from bench_causal_lm import spawn_worker  # noqa: E402
 from bench_loss_memory import peak_kb, reset_peak, status_kb  # noqa: E402
 from distill_causal_lm import DEFAULT_TEACHER_DIR, load_llama2c_teacher  # noqa: E402
 
@@ -242,21 +242,6 @@ def planned_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return runs
 
 
-def _spawn(spec: dict, args: argparse.Namespace, data_file: str) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        result_file = handle.name
-    command = [sys.executable, os.path.abspath(__file__), "--worker_spec", json.dumps(spec), "--worker_data", data_file,
-               "--worker_result", result_file, "--worker_args", json.dumps(vars(args))]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    try:
-        if done.returncode != 0:
-            return {"error": f"exit {done.returncode}: {(done.stderr or done.stdout)[-3000:]}"}
-        return json.loads(Path(result_file).read_text())
-    finally:
-        Path(result_file).unlink(missing_ok=True)
-
-
 def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "mean": statistics.fmean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
@@ -332,7 +317,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     try:
         for spec in planned_runs(args):
-            run = dict(spec, result=_spawn(spec, args, data_file))
+            run = dict(spec, result=spawn_worker(__file__, spec, args, data_file))
             r = run["result"]
             note = r.get("error", "")[:300] or f"{r['tokens_per_second']:.0f} tok/s, KL {r['heldout']['kl']:.4f}"
             print(f"  [{spec['repeat']}] {spec['trainer']} seed {spec['seed']}: {note}", file=sys.stderr, flush=True)
