@@ -228,7 +228,9 @@ def _nll_per_char(model, data, texts) -> float:
     return total / sum(len(t) for t in texts)
 
 
-def test_a_student_with_its_own_tokenizer_learns_from_the_stories260k_teacher(tmp_path):
+def _stories_samples():
+    """The stories260K teacher, its tokenizer, 96 of its samples (seed 0) and those split at the first space into
+    prompt / completion rows: the data both stories260K tests distil on."""
     if not (STORIES / "stories260K.bin").is_file():
         pytest.skip("../shared/data is not staged")
     from hf_distill.llama2c import convert_llama2c_checkpoint, convert_llama2c_tokenizer
@@ -239,8 +241,13 @@ def test_a_student_with_its_own_tokenizer_learns_from_the_stories260k_teacher(tm
     samples = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=32,
                                pad_token_id=0)
     texts = [t.strip() for t in sp.batch_decode(samples, skip_special_tokens=True) if len(t.split(" ", 1)) == 2]
-    student_tok = byte_bpe(320, texts)
     data = [{"prompt": t.split(" ", 1)[0], "completion": " " + t.split(" ", 1)[1]} for t in texts]
+    return teacher, sp, texts, data
+
+
+def test_a_student_with_its_own_tokenizer_learns_from_the_stories260k_teacher(tmp_path):
+    teacher, sp, texts, data = _stories_samples()
+    student_tok = byte_bpe(320, texts)
     train = tokenize_aligned(data[:72], student_tok, sp, max_length=48)
     held_out = tokenize_aligned(data[72:], student_tok, sp, max_length=48)
     held_texts = [r["completion"] for r in data[72:]]
@@ -505,19 +512,10 @@ def test_an_aligned_topk_cache_of_the_whole_teacher_vocabulary_equals_the_live_t
 def test_a_small_aligned_topk_cache_stays_close_to_the_live_teacher(tmp_path):
     """Measured (stories260K teacher, a BPE student after 40 steps): k = 64 of 512 changes the hybrid KD term by
     about -2% (gradient cosine 0.99+) and ULD by under 0.1%; the README quotes these."""
-    if not (STORIES / "stories260K.bin").is_file():
-        pytest.skip("../shared/data is not staged")
     from hf_distill.cross_tokenizer import cache_aligned_teacher_topk
-    from hf_distill.llama2c import convert_llama2c_checkpoint, convert_llama2c_tokenizer
 
-    teacher, sp = convert_llama2c_checkpoint(STORIES / "stories260K.bin"), convert_llama2c_tokenizer(STORIES / "tok512.model")
-    torch.manual_seed(0)
-    prompt = torch.full((96, 1), sp.bos_token_id)
-    samples = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=32,
-                               pad_token_id=0)
-    texts = [t.strip() for t in sp.batch_decode(samples, skip_special_tokens=True) if len(t.split(" ", 1)) == 2]
+    teacher, sp, texts, data = _stories_samples()
     bpe = byte_bpe(320, texts)
-    data = [{"prompt": t.split(" ", 1)[0], "completion": " " + t.split(" ", 1)[1]} for t in texts]
     train, held = tokenize_aligned(data[:80], bpe, sp, max_length=48), tokenize_aligned(data[80:], bpe, sp, max_length=48)
     student = tiny_gpt2(layers=2, hidden=64, vocab_size=len(bpe), seed=0)
     DistillationTrainer(student, teacher, distill_args(tmp_path / "warm", preflight=False, alpha=1.0, max_steps=40,
