@@ -411,26 +411,26 @@ def copied_run(ctx: SimpleNamespace, name: str, seed: int, trim: bool, recipe: d
 
 def augmented_rows(ctx: SimpleNamespace, tokenizer: Any, per_sentence: int, features: Any) -> Dataset:
     """``per_sentence`` augment_texts variants of each training sentence, tokenized, label -100 (the teacher's
-    soft labels are their only target): TinyBERT's transfer-set augmentation for the (a)/(b) KD students."""
-    from hf_distill.augmentation import augment_texts
-
-    texts = augment_texts(list(ctx.raw["train"]["text"]), tokenizer, num_per_example=per_sentence, seed=0)
+    soft labels are their only target): TinyBERT's transfer-set augmentation."""
+    texts = unlabelled_texts(ctx, per_sentence)[len(ctx.raw["train"]):]
     rows = tokenize(Dataset.from_dict({"text": texts, "label": [-100] * len(texts)}), tokenizer, ctx.args.max_length)
-    logger.info("(a)/(b) transfer set: %d training rows + %d augmented rows.", len(ctx.raw["train"]), len(rows))
     return rows.cast(features)
 
 
-def trimmed_after_training(ctx: SimpleNamespace, seed: int, kd_run: dict) -> dict:
-    """(b) without a second training run: seed ``seed``'s (a) KD student with its vocabulary trimmed to the
-    training texts after distillation (on those texts the trimmed model's outputs are the untrimmed one's)."""
-    recipe = {**kd_run["recipe"], "trim": "after training", "from": kd_run["folder"]}
+def trimmed_after_training(ctx: SimpleNamespace, name: str, seed: int, source: dict, folder_name: str) -> dict:
+    """The student of the stored run ``source`` with its vocabulary trimmed to the training texts after
+    distillation (on those texts the trimmed model's outputs are the untrimmed one's), saved as ``folder_name``;
+    a classifier is also scored (validation and test), a headless encoder is not."""
+    recipe = {**source["recipe"], "trim": "after training", "from": source["folder"]}
+    classifier = "accuracy" in source
 
     def run() -> dict:
-        model, tokenizer = trimmed(ctx, AutoModelForSequenceClassification.from_pretrained(kd_run["folder"]))
-        return {"accuracy": accuracy(ctx, model, tokenizer), "train_seconds": 0.0, "seconds_per_step": 0.0,
-                "folder": save_model(ctx, model, tokenizer, f"b_after-seed{seed}")}
+        auto = AutoModelForSequenceClassification if classifier else AutoModel
+        model, tokenizer = trimmed(ctx, auto.from_pretrained(source["folder"]))
+        out = {"train_seconds": 0.0, "folder": save_model(ctx, model, tokenizer, folder_name)}
+        return {**out, "accuracy": accuracy(ctx, model, tokenizer), "seconds_per_step": 0.0} if classifier else out
 
-    return cached_run(ctx, "b_after", seed, recipe, run)
+    return cached_run(ctx, name, seed, recipe, run)
 
 
 def group_ab(ctx: SimpleNamespace) -> None:
@@ -441,7 +441,7 @@ def group_ab(ctx: SimpleNamespace) -> None:
             copied_run(ctx, "a_hard", seed, False, dict(HARD), save=seed == args.seeds[0])
             kd = copied_run(ctx, "a_kd", seed, False, kd_recipe(args), save=True)
             if "b" in args.groups and kd.get("folder"):
-                trimmed_after_training(ctx, seed, kd)
+                trimmed_after_training(ctx, "b_after", seed, kd, f"b_after-seed{seed}")
             for text in ctx.args.tries:
                 if seed in args.try_seeds:
                     name, change = parse_try(text)
@@ -477,14 +477,14 @@ def narrow_shape(ctx: SimpleNamespace) -> Any:
 
 def unlabelled_texts(ctx: SimpleNamespace, per_sentence: Optional[int] = None) -> list[str]:
     """SST-2 training sentences without labels + ``per_sentence`` (default ``--augment``) hf_distill.augmentation
-    variants of each."""
+    variants of each (masking and crops: the same texts with the trimmed tokenizer or the full one)."""
     from hf_distill.augmentation import augment_texts
 
     n = ctx.args.augment if per_sentence is None else per_sentence
     ctx.unlabelled = getattr(ctx, "unlabelled", None) or {}
     if n not in ctx.unlabelled:
         train = list(ctx.raw["train"]["text"])
-        extra = augment_texts(train, ctx.trim_tokenizer, num_per_example=n, seed=0) if n else []
+        extra = augment_texts(train, ctx.tokenizer, num_per_example=n, seed=0) if n else []
         ctx.unlabelled[n] = train + extra
         logger.info("Unlabelled text: %d training sentences + %d augmented.", len(train), len(extra))
     return ctx.unlabelled[n]
@@ -543,9 +543,7 @@ def narrow_run(ctx: SimpleNamespace, name: str, seed: int, general: Optional[dic
         train = train if kd else with_teacher_logits(ctx, train)
         if kd:
             student.base_model.load_state_dict(AutoModel.from_pretrained(general["folder"]).state_dict())
-            extra = unlabelled_texts(ctx)[len(ctx.raw["train"]):]
-            extra = tokenize(Dataset.from_dict({"text": extra, "label": [-100] * len(extra)}), tok, a.max_length)
-            train = concatenate_datasets([train, extra.cast(train.features)])
+            train = concatenate_datasets([train, augmented_rows(ctx, tok, a.augment, train.features)])
         model, seconds, history = distill(student, ctx.trim_teacher if kd else None, train, tok, seed, a.task_steps,
                                           a.narrow_lr, a.batch_size, **terms)
         out = {"accuracy": accuracy(ctx, model, tok), "train_seconds": seconds,
@@ -761,18 +759,6 @@ def embedding_student(ctx: SimpleNamespace, name: str, trim: bool) -> dict:
     return cached_run(ctx, name, 0, recipe, run)
 
 
-def embedding_trimmed_after(ctx: SimpleNamespace, student: dict) -> dict:
-    """The (e) 3-layer student with its vocabulary trimmed to the training sentences after distillation (the
-    trimmed model embeds every training sentence exactly as the untrimmed one)."""
-    recipe = {**student["recipe"], "trim": "after training", "from": student["folder"]}
-
-    def run() -> dict:
-        model, tokenizer = trimmed(ctx, AutoModel.from_pretrained(student["folder"]))
-        return {"folder": save_model(ctx, model, tokenizer, "e_3layer_trimmed"), "train_seconds": 0.0}
-
-    return cached_run(ctx, "e_3layer_trimmed", 0, recipe, run)
-
-
 def group_e(ctx: SimpleNamespace) -> None:
     """(e): distil the two students, then cosine / Spearman against the teacher on the test sentences and a
     logistic-regression probe for the teacher and each student."""
@@ -787,7 +773,7 @@ def group_e(ctx: SimpleNamespace) -> None:
         logger.warning("distillation_task='sentence-embedding' is not in this hf_distill: (e) skipped.")
         return
     student = embedding_student(ctx, "e_3layer", trim=False)
-    trimmed_student = embedding_trimmed_after(ctx, student)
+    trimmed_student = trimmed_after_training(ctx, "e_3layer_trimmed", 0, student, "e_3layer_trimmed")
     for name, folder in (("e_3layer", student["folder"]), ("e_3layer_trimmed", trimmed_student["folder"])):
         models[name] = (AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
     split_texts = {s: list(ctx.raw[s]["text"]) for s in ("train", "validation", "test")}
