@@ -174,3 +174,10 @@ if __name__ == "__main__":  # the 2-rank job: every scenario in turn, rank 0 wri
     if torch.distributed.is_initialized():  # gloo can abort at interpreter exit with a live process group
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # Trainer, accelerate and FSDP still hold the process group objects after destroy_process_group; their
+    # gloo threads are torn down at interpreter finalization, which aborted one rank once in CI (SIGABRT,
+    # "terminate called without an active exception") after every result was written. The results are on
+    # disk and the group is destroyed: leave without finalization.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
