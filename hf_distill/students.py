@@ -38,6 +38,24 @@ def select_layers(num_teacher_layers: int, num_layers: int) -> list[int]:
     return [(2 * j * span + gaps) // (2 * gaps) for j in range(num_layers)]
 
 
+def check_layer_choice(num_teacher_layers: int, num_layers: int, layers: Optional[list[int]] = None,
+                       own_student_flag: Optional[str] = None) -> None:
+    """Refuse a layer choice the teacher cannot give, naming the script flags, so scripts can check it before
+    anything trains: ``--student_layers`` (a count), ``--student_layer_indices`` (0-based teacher blocks), and
+    ``own_student_flag``, the flag of a student that is not built from the teacher's layers, if one was given."""
+    if own_student_flag:
+        if layers:
+            raise ValueError(f"--student_layer_indices copies the teacher's layers into the student; {own_student_flag} "
+                             "gives a student of its own. Pass one of them.")
+        return
+    if layers and any(not 0 <= int(i) < num_teacher_layers for i in layers):
+        raise ValueError(f"--student_layer_indices {' '.join(map(str, layers))}: the teacher has {num_teacher_layers} "
+                         f"layers, numbered 0 to {num_teacher_layers - 1}.")
+    if not layers and not 1 <= num_layers <= num_teacher_layers:
+        raise ValueError(f"--student_layers {num_layers}: a student built from the teacher has 1 to "
+                         f"{num_teacher_layers} layers (the teacher's count); choose which with --student_layer_indices.")
+
+
 def _layer_list_name(model: PreTrainedModel) -> str:
     """Full state-dict prefix of the model's block list, e.g. ``bert.encoder.layer``."""
     model_type = getattr(model.config, "model_type", None)

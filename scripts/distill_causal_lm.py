@@ -90,6 +90,11 @@ class ScriptArguments:
     student_layers: int = field(
         default=2, metadata={"help": "Blocks of a student built from the teacher (copied from evenly spaced blocks)."}
     )
+    student_layer_indices: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "The teacher blocks a student built from the teacher copies, 0-based and in order "
+                          "(e.g. 0 3 5); overrides --student_layers."},
+    )
     student_hidden_size: Optional[int] = field(
         default=None,
         metadata={"help": "Build a narrower, randomly initialised student of this width (the teacher's config "
@@ -294,6 +299,8 @@ def build_causal_student(script: ScriptArguments, teacher: Any, teacher_tokenize
     if script.student_hidden_size:
         student = narrow_causal_student(teacher, script.student_hidden_size, script.student_layers,
                                         script.student_intermediate_size, script.student_num_heads, seed=seed)
+    elif script.student_layer_indices:
+        student = create_student(teacher, layers=script.student_layer_indices)
     else:
         student = create_student(teacher, num_layers=script.student_layers)
     # Built here, so not loadable from the teacher's path (a LoRA adapter would record that path as its base).
@@ -594,6 +601,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from transformers import set_seed
 
     from hf_distill.data import resume_argument
+    from hf_distill.students import check_layer_choice
 
     script, args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -602,6 +610,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     set_seed(args.seed)
     resume, output_dir = resume_argument(args.resume_from_checkpoint), Path(args.output_dir)
     teacher, tokenizer = load_teacher_and_tokenizer(script, args)
+    own = "--student" if script.student else "--student_hidden_size" if script.student_hidden_size else None
+    check_layer_choice(teacher.config.num_hidden_layers, script.student_layers, script.student_layer_indices, own)
     # --teacher_tokenizer: cross-tokenizer distillation, and from here on `tokenizer` is the student's
     tokenizer, teacher_tokenizer = cross_tokenizers(script, tokenizer) if script.teacher_tokenizer else (tokenizer, None)
     cross = teacher_tokenizer is not None

@@ -70,6 +70,7 @@ from hf_distill.data import explain_model_load_errors, resume_argument  # noqa: 
 from hf_distill.vocabulary import trim_vocabulary  # noqa: E402
 from hf_distill.preflight import configured_loss_terms  # noqa: E402
 from hf_distill.safe_loading import from_pretrained_safely  # noqa: E402
+from hf_distill.students import check_layer_choice  # noqa: E402
 
 logger = logging.getLogger("distill_classification")
 
@@ -85,7 +86,16 @@ class ScriptArguments:
         default=None,
         metadata={"help": "Student: a Hub id or local folder. Default: built from the teacher's layers (--student_layers)."},
     )
-    student_layers: int = field(default=2, metadata={"help": "Layers of a student built from the teacher."})
+    student_layers: int = field(
+        default=2,
+        metadata={"help": "How many layers a student built from the teacher has: a count, the teacher's layers "
+                          "evenly spread, first and last included (choose them with --student_layer_indices)."},
+    )
+    student_layer_indices: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "The teacher layers a student built from the teacher copies, 0-based and in order "
+                          "(e.g. 0 3 5); overrides --student_layers."},
+    )
     student_hidden_size: Optional[int] = field(
         default=None,
         metadata={"help": "Build a narrower, randomly initialised student of this width instead (TinyBERT-style)."},
@@ -337,7 +347,10 @@ def build_student(models: Models, script: ScriptArguments, args: DistillationArg
         return student, load_tokenizer(script.student) if has_tokenizer else models.tokenizer
     if script.student_hidden_size:
         return narrow_student(teacher, script.student_layers, script.student_hidden_size), models.tokenizer
-    student = create_student(teacher, num_layers=script.student_layers)
+    if script.student_layer_indices:
+        student = create_student(teacher, layers=script.student_layer_indices)
+    else:
+        student = create_student(teacher, num_layers=script.student_layers)
     return (bert_to_distilbert(student) if script.student_type == "distilbert" else student), models.tokenizer
 
 
@@ -550,6 +563,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     resume = resume_argument(args.resume_from_checkpoint)
     splits, label_names = load_data(script, args)
     models = load_teacher(script, args, label_names)
+    own = "--student" if script.student else "--student_hidden_size" if script.student_hidden_size else None
+    check_layer_choice(models.teacher.config.num_hidden_layers, script.student_layers, script.student_layer_indices, own)
     splits = remap_labels(splits, models.label_mapping)
     data = tokenize_splits(splits, models.tokenizer, script.max_length)
     fine_tune_teacher(models, script, args, data["train"].remove_columns("text"))

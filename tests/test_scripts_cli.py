@@ -481,3 +481,44 @@ def test_a_trimmed_vocabulary_that_leaves_validation_tokens_unknown_is_warned_ab
     message = dcls.unk_warning(0.0775)
     assert "7.7%" in message or "7.8%" in message
     assert "--max_train_samples" in message and "--trim_vocabulary" in message
+
+
+# ---------------------------------------------------------------------------------------------- which teacher layers
+def test_student_layer_indices_copy_the_chosen_teacher_layers(tmp_path, teacher_dir, data_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    dcls.main(_argv(teacher_dir, data_dir, tmp_path / "last", "--student_layer_indices", "1", "--learning_rate", "1e-9"))
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "last")
+    assert student.config.num_hidden_layers == 1
+    copied, other = (dict(teacher.bert.encoder.layer[i].named_parameters()) for i in (1, 0))
+    for name, value in student.bert.encoder.layer[0].named_parameters():
+        torch.testing.assert_close(value, copied[name], atol=1e-6, rtol=0, msg=name)  # lr 1e-9: still the copy
+    assert any(not torch.allclose(copied[n], other[n]) for n in copied)  # layers 0 and 1 differ: the choice shows
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--student_layer_indices", "0", "2"], r"--student_layer_indices 0 2: the teacher has 2 layers, numbered 0 to 1"),
+    (["--student_layers", "3"], r"--student_layers 3: .* 1 to 2 layers .*--student_layer_indices"),
+    (["--student_layer_indices", "0", "--student_hidden_size", "16"], r"--student_hidden_size gives a student of its own"),
+])
+def test_a_layer_choice_the_teacher_cannot_give_is_refused_before_the_teacher_is_fine_tuned(tmp_path, teacher_dir,
+                                                                                            data_dir, extra, message):
+    out = tmp_path / "refused"
+    with pytest.raises(ValueError, match=message):
+        dcls.main(_argv(teacher_dir, data_dir, out, "--teacher_train_epochs", "1", *extra))
+    assert not Path(f"{out}-teacher").exists() and not (out / "model.safetensors").exists()
+
+
+def test_causal_lm_student_layer_indices_and_their_check(tmp_path, lm_setup):
+    from transformers import AutoModelForCausalLM
+
+    teacher, data = lm_setup
+    with pytest.raises(ValueError, match=r"--student_layer_indices 5: the teacher has 2 layers"):
+        dcl.main(_lm_argv(teacher, data, tmp_path / "refused", "--student_layer_indices", "5"))
+    dcl.main(_lm_argv(teacher, data, tmp_path / "out", "--student_layer_indices", "1", "--learning_rate", "1e-9"))
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    source = AutoModelForCausalLM.from_pretrained(teacher).model.layers[1]
+    assert student.config.num_hidden_layers == 1
+    for (name, value), (_, expected) in zip(student.model.layers[0].named_parameters(), source.named_parameters()):
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=name)
