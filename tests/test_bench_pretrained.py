@@ -61,6 +61,19 @@ def test_quick_run_reports_every_group_and_resumes(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "p.json").read_text())["runs"] == report["runs"]
 
 
+@pytest.mark.skipif(not STAGED, reason="../shared/data (SST-2 and the MiniLM tokenizer) is not staged here")
+def test_quick_embedding_group_reports_held_out_and_training_sentence_cosines(tmp_path: Path) -> None:
+    done = _run(tmp_path, "--only", "e")
+    assert done.returncode == 0, done.stderr[-3000:]
+    models = json.loads((tmp_path / "p.json").read_text())["embeddings"]["models"]
+    full, trimmed = models["e_3layer"], models["e_3layer_trimmed"]
+    assert all(-1 <= m[k] <= 1 for m in (full, trimmed) for k in ("mean_cosine", "train_mean_cosine"))
+    # trimmed on the training sentences, the student embeds them exactly as before: same cosine there, not held out
+    assert trimmed["train_mean_cosine"] == pytest.approx(full["train_mean_cosine"], abs=1e-6)
+    assert trimmed["mean_cosine"] != pytest.approx(full["mean_cosine"], abs=1e-6)
+    assert "(on the training sentences)" in (tmp_path / "p.md").read_text()
+
+
 def test_store_merges_runs_and_cached_run_skips_finished_ones(tmp_path: Path) -> None:
     bench = _module()
     store = bench.Store(tmp_path / "r.json")
