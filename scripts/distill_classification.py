@@ -21,6 +21,7 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import dataclasses  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -489,7 +490,8 @@ def compare(trainer, models: Models, script: ScriptArguments, args: Distillation
             describe(f"student ({args.distillation_loss}, alpha={args.alpha}, T={args.temperature})", trainer.model,
                      models, data, script)]
     results = {"rows": rows, "threads": torch.get_num_threads(), "eval_metrics": metrics,
-               "steps": trainer.state.global_step}
+               "steps": trainer.state.global_step,
+               "arguments": {"script": dataclasses.asdict(script), "distillation": args.distillation_dict()}}
     if script.compare_baseline:
         baseline, results["baseline"] = train_baseline(build_student(models, script, args)[0], models, args, data)
         rows.append(describe("student, hard labels only", baseline, models, data, script))

@@ -21,6 +21,7 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -145,9 +146,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     trainer.train()
     after = trainer.evaluate()
     results = {"task": args.distillation_task, "train_sentences": len(train_texts), "eval_sentences": len(eval_texts),
-               "before": before, "after": after}
+               "before": before, "after": after,
+               "arguments": {"script": dataclasses.asdict(script), "distillation": args.distillation_dict()}}
     results = finish(trainer, script, train_texts, eval_texts, results)
-    print(json.dumps({k: v for k, v in results.items() if k not in ("before", "after")}
+    print(json.dumps({k: v for k, v in results.items() if k not in ("before", "after", "arguments")}
                      | {"before": {k: v for k, v in before.items() if "cosine" in k or "spearman" in k},
                         "after": {k: v for k, v in after.items() if "cosine" in k or "spearman" in k}}, indent=2))
     return results

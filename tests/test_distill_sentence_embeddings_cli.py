@@ -57,7 +57,9 @@ def test_cli_distils_saves_trims_and_exports(tmp_path):
     kept = {token for text in texts[:12] for token in tokenizer.tokenize(text)} | set(tokenizer.all_special_tokens)
     assert results["vocabulary_size"] == len(kept) < len(tokenizer)  # the training sentences' tokens + specials
     assert (out / "onnx" / "model.onnx").is_file() and results["onnx"]["int8_mean_cosine"] > 0.9
-    assert json.loads((out / "results.json").read_text())["task"] == "sentence-embedding"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["task"] == "sentence-embedding"
+    assert saved["arguments"]["script"]["num_layers"] == 1 and saved["arguments"]["distillation"]["embedding_pooling"] == "mean"
     card = (out / "README.md").read_text()
     assert "pipeline_tag: sentence-similarity" in card and "library_name: sentence-transformers" in card
     assert "SentenceTransformer(" in card and "pipeline(" not in card  # transformers has no such pipeline

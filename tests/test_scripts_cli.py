@@ -487,7 +487,11 @@ def test_a_trimmed_vocabulary_that_leaves_validation_tokens_unknown_is_warned_ab
 def test_student_layer_indices_copy_the_chosen_teacher_layers(tmp_path, teacher_dir, data_dir):
     from transformers import AutoModelForSequenceClassification
 
-    dcls.main(_argv(teacher_dir, data_dir, tmp_path / "last", "--student_layer_indices", "1", "--learning_rate", "1e-9"))
+    results = dcls.main(_argv(teacher_dir, data_dir, tmp_path / "last", "--student_layer_indices", "1",
+                              "--learning_rate", "1e-9", "--alpha", "0.7"))
+    recorded = json.loads((tmp_path / "last" / "results.json").read_text())["arguments"]
+    assert recorded["script"]["student_layer_indices"] == [1] == results["arguments"]["script"]["student_layer_indices"]
+    assert recorded["distillation"]["alpha"] == 0.7  # what distilled it, beside how it was built
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
     student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "last")
     assert student.config.num_hidden_layers == 1
