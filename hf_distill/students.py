@@ -39,10 +39,12 @@ def select_layers(num_teacher_layers: int, num_layers: int) -> list[int]:
 
 
 def check_layer_choice(num_teacher_layers: int, num_layers: int, layers: Optional[list[int]] = None,
-                       own_student_flag: Optional[str] = None) -> None:
-    """Refuse a layer choice the teacher cannot give, naming the script flags, so scripts can check it before
-    anything trains: ``--student_layers`` (a count), ``--student_layer_indices`` (0-based teacher blocks), and
-    ``own_student_flag``, the flag of a student that is not built from the teacher's layers, if one was given."""
+                       student: Optional[str] = None, student_hidden_size: Optional[int] = None) -> None:
+    """Refuse the scripts' layer flags when the teacher cannot give them, before anything trains:
+    ``--student_layers`` (a count) or ``--student_layer_indices`` (0-based teacher blocks), neither checked
+    against the teacher when ``--student`` or ``--student_hidden_size`` gives a student not built from its layers,
+    and the indices refused beside those two."""
+    own_student_flag = "--student" if student else "--student_hidden_size" if student_hidden_size else None
     if own_student_flag:
         if layers:
             raise ValueError(f"--student_layer_indices copies the teacher's layers into the student; {own_student_flag} "

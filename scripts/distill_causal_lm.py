@@ -610,8 +610,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     set_seed(args.seed)
     resume, output_dir = resume_argument(args.resume_from_checkpoint), Path(args.output_dir)
     teacher, tokenizer = load_teacher_and_tokenizer(script, args)
-    own = "--student" if script.student else "--student_hidden_size" if script.student_hidden_size else None
-    check_layer_choice(teacher.config.num_hidden_layers, script.student_layers, script.student_layer_indices, own)
+    check_layer_choice(teacher.config.num_hidden_layers, script.student_layers, script.student_layer_indices,
+                       script.student, script.student_hidden_size)
     # --teacher_tokenizer: cross-tokenizer distillation, and from here on `tokenizer` is the student's
     tokenizer, teacher_tokenizer = cross_tokenizers(script, tokenizer) if script.teacher_tokenizer else (tokenizer, None)
     cross = teacher_tokenizer is not None

@@ -565,8 +565,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     resume = resume_argument(args.resume_from_checkpoint)
     splits, label_names = load_data(script, args)
     models = load_teacher(script, args, label_names)
-    own = "--student" if script.student else "--student_hidden_size" if script.student_hidden_size else None
-    check_layer_choice(models.teacher.config.num_hidden_layers, script.student_layers, script.student_layer_indices, own)
+    check_layer_choice(models.teacher.config.num_hidden_layers, script.student_layers, script.student_layer_indices,
+                       script.student, script.student_hidden_size)
     splits = remap_labels(splits, models.label_mapping)
     data = tokenize_splits(splits, models.tokenizer, script.max_length)
     fine_tune_teacher(models, script, args, data["train"].remove_columns("text"))
